@@ -1,0 +1,1 @@
+"""fedecho.client: the hospital role (Flower SuperNode + fedecho ClientApp)."""

@@ -1,0 +1,1 @@
+"""fedecho.server: the coordinator role (Flower SuperLink + fedecho ServerApp)."""

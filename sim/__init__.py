@@ -1,0 +1,1 @@
+"""fedecho.sim: the researcher role (virtual hospitals on Flower's simulation engine)."""
