@@ -31,8 +31,8 @@ from fedecho.synth.phantom import PhantomVideo
 from fedecho.synth.vendors import Vendor
 
 ROWS, COLS = 384, 512
-SECTOR = 320  # the sector image is SECTOR x SECTOR pixels inside the frame
-TOP, LEFT = 40, (COLS - SECTOR) // 2
+SECTOR = 296  # the sector image is SECTOR x SECTOR pixels inside the frame
+TOP, LEFT = 36, (COLS - SECTOR) // 2
 RECORD_COLUMNS = ["subject_id", "study_id", "acquisition_datetime", "dicom_filepath"]
 LABEL_COLUMNS = ["path", "sop_instance_uid", "EF", "ESV", "EDV", "ED_frame", "ES_frame", "split"]
 

@@ -1,0 +1,36 @@
+"""The `fedecho` command line: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+import fedecho
+from fedecho.cli import data as data_cli
+from fedecho.cli import synth as synth_cli
+
+app = typer.Typer(
+    name="fedecho",
+    help="Federated echocardiography video foundation models: phantom data, data sources, training, federation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command("synth")(synth_cli.synth)
+app.add_typer(data_cli.app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedecho {fedecho.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """fedecho: train one echo foundation model across hospitals without moving patient video."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,156 @@
+"""Clip sampling, frame geometry, augmentation and normalisation, shared by every source.
+
+Two sampling conventions:
+- EchoNet-Dynamic: `length` frames taken every `period` frames from a start;
+- Echo-Vision-FM: `length` (16) frames spread evenly over the whole video (`period=None`).
+Both define a finite set of distinct clips per video; training draws one at random, test-time
+averaging uses all of them (optionally thinned to `max_clips`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ClipSampler:
+    length: int = 16
+    period: int | None = None  # None: evenly spaced over the whole video
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"clip length must be >= 1, not {self.length}")
+        if self.period is not None and self.period < 1:
+            raise ValueError(f"clip period must be >= 1 or None, not {self.period}")
+
+    def n_clips(self, n_frames: int) -> int:
+        """Number of distinct clips of a video with n_frames frames."""
+        if n_frames < 1:
+            raise ValueError("a video needs at least one frame")
+        if self.period is None:
+            return max(1, n_frames // self.length)
+        span = (self.length - 1) * self.period + 1
+        return max(1, n_frames - span + 1)
+
+    def indices(self, n_frames: int, clip: int) -> np.ndarray:
+        """Frame indices of clip number `clip`; short videos loop (echo is periodic)."""
+        if not 0 <= clip < self.n_clips(n_frames):
+            raise IndexError(f"clip {clip} out of range for {n_frames} frames")
+        if self.period is None:
+            step = n_frames / self.length
+            if step < 1:
+                return np.floor(np.arange(self.length) * step).astype(np.int64)
+            return np.floor(clip + np.arange(self.length) * step).astype(np.int64)
+        return (clip + np.arange(self.length) * self.period) % n_frames
+
+    def random_clip(self, n_frames: int, rng: np.random.Generator) -> int:
+        return int(rng.integers(0, self.n_clips(n_frames)))
+
+    def test_clips(self, n_frames: int, max_clips: int | None = None) -> list[int]:
+        """All clips, or max_clips of them evenly spread, for test-time averaging."""
+        n = self.n_clips(n_frames)
+        if max_clips is None or n <= max_clips:
+            return list(range(n))
+        return sorted({int(round(x)) for x in np.linspace(0, n - 1, max_clips)})
+
+
+def fit_square(frame: np.ndarray, size: int) -> np.ndarray:
+    """Letterbox one frame (H, W[, C]) onto a black square, then resize to size x size."""
+    h, w = frame.shape[:2]
+    side = max(h, w)
+    if h != w:
+        pad = [((side - h) // 2, side - h - (side - h) // 2), ((side - w) // 2, side - w - (side - w) // 2)]
+        pad += [(0, 0)] * (frame.ndim - 2)
+        frame = np.pad(frame, pad)
+    if side != size:
+        interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+        frame = cv2.resize(frame, (size, size), interpolation=interp)
+    return frame
+
+
+def to_uint8_gray_or_rgb(frames: np.ndarray, tolerance: int = 8, fraction: float = 1e-3) -> np.ndarray:
+    """(T, H, W, 3) whose channels agree (grayscale echo in RGB clothing) becomes (T, H, W).
+
+    Lossy YBR compression leaves small chroma differences; a video counts as grayscale when
+    fewer than `fraction` of its pixels differ between channels by more than `tolerance`.
+    Colour Doppler and other colour content stays RGB.
+    """
+    if frames.ndim == 4 and frames.shape[-1] == 3:
+        f = frames.astype(np.int16)
+        spread = np.maximum(np.abs(f[..., 0] - f[..., 1]), np.abs(f[..., 0] - f[..., 2]))
+        if np.mean(spread > tolerance) < fraction:
+            return frames.mean(axis=-1).round().astype(np.uint8)
+        return frames
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        return frames[..., 0]
+    return frames
+
+
+def clip_tensor(frames: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """Gather frames (T, H, W[, 3]) uint8 into a float clip (3, L, H, W) in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames[indices]))
+    x = x.unsqueeze(-1).expand(*x.shape, 3) if x.ndim == 3 else x
+    return x.permute(3, 0, 1, 2).float().div_(255.0)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation for echo clips; geometry-preserving, so labels stay exact.
+
+    Random translation by zero padding and cropping (EchoNet's pad=12 at 112 px), a small
+    rotation about the sector apex, and gain/gamma jitter (scanner settings differ).
+    """
+
+    pad: int = 8
+    rotate_deg: float = 8.0
+    gain: float = 0.15
+    gamma: float = 0.15
+
+    def __call__(self, clip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        c, t, h, w = clip.shape
+        if self.rotate_deg > 0:
+            a = math.radians(float(rng.uniform(-self.rotate_deg, self.rotate_deg)))
+            # Rotate about the top centre (the transducer, normalised (0, -1)); frames are square.
+            cos, sin = math.cos(a), math.sin(a)
+            theta = torch.tensor([[cos, -sin, -sin], [sin, cos, cos - 1.0]], dtype=clip.dtype)
+            grid = torch.nn.functional.affine_grid(theta[None].expand(t, 2, 3), [t, c, h, w], align_corners=False)
+            clip = torch.nn.functional.grid_sample(clip.permute(1, 0, 2, 3), grid, align_corners=False).permute(1, 0, 2, 3)
+        if self.pad > 0:
+            dy, dx = (int(v) for v in rng.integers(0, 2 * self.pad + 1, size=2))
+            padded = torch.nn.functional.pad(clip, (self.pad, self.pad, self.pad, self.pad))
+            clip = padded[:, :, dy : dy + h, dx : dx + w]
+        if self.gain > 0 or self.gamma > 0:
+            g = float(rng.uniform(1 - self.gain, 1 + self.gain))
+            gm = float(rng.uniform(1 - self.gamma, 1 + self.gamma))
+            clip = (clip.clamp(0, 1) ** gm * g).clamp_(0, 1)
+        return clip.contiguous()
+
+
+def normalize(clip: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    if mean is None or std is None:
+        return clip
+    return (clip - mean.view(3, 1, 1, 1)) / std.view(3, 1, 1, 1)
+
+
+def channel_stats(videos: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in [0, 1] over all frames of the given videos (EchoNet's recipe)."""
+    n = 0
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    for v in videos:
+        x = v.reshape(-1, 3) if v.ndim == 4 else np.repeat(v.reshape(-1, 1), 3, axis=1)
+        x = x.astype(np.float64) / 255.0
+        n += x.shape[0]
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+    if n == 0:
+        raise ValueError("no frames to compute normalisation statistics from")
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    return mean.astype(np.float32), std.astype(np.float32)

@@ -1,0 +1,85 @@
+"""What every echo source produces: video records with targets, and problems with reasons.
+
+A bad file never stops a pass: a source turns it into a `Problem` (path, reason, detail) and
+carries on. Dataset-level mistakes (a CSV without its required columns) are `SourceError`s,
+which name the file and the field.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("ef", "esv", "edv", "ef_class", "as_class")
+"""Target names: EF in percent, ESV/EDV in mL, ef_class 1 when EF >= the source's threshold
+(the Echo-Vision-FM code's convention), as_class the 5-grade aortic-stenosis index."""
+
+AS_CLASSES = ("no_AS", "mild_AS", "mildtomod_AS", "moderate_AS", "severe_AS")
+SPLITS = ("train", "val", "test")
+
+
+class Reason(str, enum.Enum):
+    """Why a file was skipped (stable codes: they are stored and reported)."""
+
+    UNREADABLE = "unreadable"
+    NOT_ULTRASOUND = "not_ultrasound"
+    SINGLE_FRAME = "single_frame"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    TOO_FEW_FRAMES = "too_few_frames"
+    MISSING_LABEL = "missing_label"
+
+
+class BadFile(Exception):
+    """One file cannot be used; raised inside a source, caught and reported as a Problem."""
+
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SourceError(ValueError):
+    """The dataset as a whole is malformed (missing index file or column)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str  # relative to the source root
+    reason: Reason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason.value} ({self.detail})"
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video (or pseudo-video) a source can decode, with whatever targets it has."""
+
+    key: str  # unique within the source; relative path or the dataset's own id
+    files: tuple[Path, ...]  # what decoding reads (the cache key hashes their contents)
+    split: str  # train / val / test, or "" when the source has no split for it
+    targets: dict[str, float] = field(default_factory=dict)
+    fps: float | None = None
+    n_frames: int | None = None
+    group: str | None = None  # patient or study id, for grouping (never leaves the site)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class ScanResult:
+    records: list[VideoRecord]
+    problems: list[Problem]
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(p.reason.value for p in self.problems))
+
+
+def relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
