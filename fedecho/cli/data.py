@@ -21,7 +21,9 @@ from fedecho.data import (
 )
 from fedecho.synth import MANIFEST
 
-app = typer.Typer(help="Inspect echo data sources (EchoNet-Dynamic, CAMUS, TMED-2, DICOM archives).", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect echo data sources (EchoNet-Dynamic, CAMUS, TMED-2, DICOM archives).", no_args_is_help=True
+)
 
 
 def _roots(path: Path, kind: str) -> list[Path]:
@@ -47,13 +49,21 @@ def _fmt(values: list[float]) -> str:
 
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., exists=True, file_okay=False, help="A source folder, or a folder of site folders."),
+    path: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="A source folder, or a folder of site folders."
+    ),
     source: str = typer.Option("auto", "--source", help="auto, echonet, camus, tmed2 or dicom."),
-    labels: Path | None = typer.Option(None, "--labels", help="Labels CSV for a DICOM archive (path or sop_instance_uid column)."),
-    cache: Path | None = typer.Option(None, "--cache", help="Decoded-frame cache folder (default ~/.cache/fedecho/frames)."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="Labels CSV for a DICOM archive (path or sop_instance_uid column)."
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Decoded-frame cache folder (default ~/.cache/fedecho/frames)."
+    ),
     size: int = typer.Option(112, "--size", min=16, help="Frame size the cache stores (pixels, square)."),
     length: int = typer.Option(16, "--length", min=1, help="Frames per clip."),
-    period: int | None = typer.Option(None, "--period", min=1, help="Take every PERIOD-th frame (EchoNet); default: spread evenly."),
+    period: int | None = typer.Option(
+        None, "--period", min=1, help="Take every PERIOD-th frame (EchoNet); default: spread evenly."
+    ),
     problems: int = typer.Option(10, "--problems", min=0, help="How many skipped files to list."),
 ) -> None:
     """Scan, decode (once, into the cache) and summarise a data source; list skipped files.
@@ -82,7 +92,11 @@ def inspect(
             by_split.setdefault(r.split or "-", []).append(i)
         present = {t for r in ds.records for t in r.targets}
         columns = ["split", "videos", "frames", "fps", "clips"]
-        columns += [name for t, name in (("ef", "EF %"), ("esv", "ESV mL"), ("edv", "EDV mL"), ("as_class", "AS grades")) if t in present]
+        columns += [
+            name
+            for t, name in (("ef", "EF %"), ("esv", "ESV mL"), ("edv", "EDV mL"), ("as_class", "AS grades"))
+            if t in present
+        ]
         for col in columns:
             table.add_column(col, justify="right")
         order = {"train": 0, "val": 1, "test": 2}

@@ -14,8 +14,12 @@ from fedecho.synth import synthesize
 def synth(
     out: Path = typer.Argument(..., help="Output folder (created)."),
     videos: int = typer.Option(100, "--videos", "-n", min=1, help="Total number of videos over all sites."),
-    sites: int = typer.Option(1, "--sites", "-k", min=1, help="Sites, each with its own scanner vendor and patient mix."),
-    fmt: str = typer.Option("echonet", "--format", "-f", help="echonet (FileList/VolumeTracings/AVI) or dicom (hospital archive)."),
+    sites: int = typer.Option(
+        1, "--sites", "-k", min=1, help="Sites, each with its own scanner vendor and patient mix."
+    ),
+    fmt: str = typer.Option(
+        "echonet", "--format", "-f", help="echonet (FileList/VolumeTracings/AVI) or dicom (hospital archive)."
+    ),
     seed: int = typer.Option(0, "--seed", "-s", help="Everything is deterministic in the seed."),
     max_frames: int = typer.Option(128, "--max-frames", min=8, help="Longest cine, in frames."),
 ) -> None:

@@ -1,8 +1,8 @@
 """Data layer: every echo source a user brings, read through one interface.
 
-    from fedecho.data import open_source, EchoVideoDataset, ClipSampler
-    src = open_source("EchoNet-Dynamic/")           # or CAMUS, TMED-2, a DICOM archive
-    ds = EchoVideoDataset(src, split="train", targets=["ef"], sampler=ClipSampler(32, 2))
+from fedecho.data import open_source, EchoVideoDataset, ClipSampler
+src = open_source("EchoNet-Dynamic/")           # or CAMUS, TMED-2, a DICOM archive
+ds = EchoVideoDataset(src, split="train", targets=["ef"], sampler=ClipSampler(32, 2))
 """
 
 from fedecho.data.cache import FrameCache, decode_video

@@ -57,7 +57,7 @@ class ClipSampler:
         n = self.n_clips(n_frames)
         if max_clips is None or n <= max_clips:
             return list(range(n))
-        return sorted({int(round(x)) for x in np.linspace(0, n - 1, max_clips)})
+        return sorted({round(x) for x in np.linspace(0, n - 1, max_clips)})
 
 
 def fit_square(frame: np.ndarray, size: int) -> np.ndarray:
@@ -120,7 +120,9 @@ class Augment:
             cos, sin = math.cos(a), math.sin(a)
             theta = torch.tensor([[cos, -sin, -sin], [sin, cos, cos - 1.0]], dtype=clip.dtype)
             grid = torch.nn.functional.affine_grid(theta[None].expand(t, 2, 3), [t, c, h, w], align_corners=False)
-            clip = torch.nn.functional.grid_sample(clip.permute(1, 0, 2, 3), grid, align_corners=False).permute(1, 0, 2, 3)
+            clip = torch.nn.functional.grid_sample(clip.permute(1, 0, 2, 3), grid, align_corners=False).permute(
+                1, 0, 2, 3
+            )
         if self.pad > 0:
             dy, dx = (int(v) for v in rng.integers(0, 2 * self.pad + 1, size=2))
             padded = torch.nn.functional.pad(clip, (self.pad, self.pad, self.pad, self.pad))

@@ -84,7 +84,12 @@ class EchoVideoDataset(Dataset[Item]):
     def prepare(self, progress: bool = True, min_frames: int = 1) -> list[Problem]:
         """Decode every video into the cache once; drop and report those that fail."""
         kept, new = [], []
-        columns = (TextColumn("[bold]decode[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        columns = (
+            TextColumn("[bold]decode[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task(self.source.kind, total=len(self.records))
             for r in self.records:
@@ -115,7 +120,9 @@ class EchoVideoDataset(Dataset[Item]):
         frames = self.frames(index)
         n = len(frames)
         if self.test_time:
-            clips = [clip_tensor(frames, self.sampler.indices(n, c)) for c in self.sampler.test_clips(n, self.max_clips)]
+            clips = [
+                clip_tensor(frames, self.sampler.indices(n, c)) for c in self.sampler.test_clips(n, self.max_clips)
+            ]
             video = torch.stack([normalize(c, self.mean, self.std) for c in clips])
             return video, self.target_tensor(record)
         rng = np.random.default_rng([self.seed, self.epoch, index])

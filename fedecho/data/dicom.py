@@ -32,8 +32,27 @@ from fedecho.data.records import (
 from fedecho.data.source import EchoSource, parse_float, read_csv_rows, register_source
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-US_SOP_CLASSES = {US_MULTIFRAME, "1.2.840.10008.5.1.4.1.1.3", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6"}
-NOT_DICOM_SUFFIXES = {".csv", ".txt", ".json", ".md", ".xml", ".html", ".pdf", ".zip", ".gz", ".py", ".toml", ".log", ".npy"}
+US_SOP_CLASSES = {
+    US_MULTIFRAME,
+    "1.2.840.10008.5.1.4.1.1.3",
+    "1.2.840.10008.5.1.4.1.1.6.1",
+    "1.2.840.10008.5.1.4.1.1.6",
+}
+NOT_DICOM_SUFFIXES = {
+    ".csv",
+    ".txt",
+    ".json",
+    ".md",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".zip",
+    ".gz",
+    ".py",
+    ".toml",
+    ".log",
+    ".npy",
+}
 LABEL_ALIASES = {
     "path": ["dicom_filepath", "file", "filepath", "relative_path"],
     "sop_instance_uid": ["SOPInstanceUID", "sop_uid"],
@@ -72,7 +91,14 @@ def tissue_region(ds: Dataset) -> tuple[int, int, int, int] | None:
     boxes = []
     for r in ds.get("SequenceOfUltrasoundRegions", []):
         if int(r.get("RegionSpatialFormat", 0)) == 1:
-            boxes.append((int(r.RegionLocationMinX0), int(r.RegionLocationMinY0), int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1)))
+            boxes.append(
+                (
+                    int(r.RegionLocationMinX0),
+                    int(r.RegionLocationMinY0),
+                    int(r.RegionLocationMaxX1),
+                    int(r.RegionLocationMaxY1),
+                )
+            )
     if not boxes:
         return None
     xs0, ys0, xs1, ys1 = zip(*boxes, strict=True)
@@ -205,7 +231,13 @@ class DicomArchiveSource(EchoSource):
                 uid = str(ds.get("SOPInstanceUID", ""))
                 row = by_path.get(rel) or (by_uid.get(uid) if uid else None)
                 if row is None and self.require_labels:
-                    problems.append(Problem(rel, Reason.MISSING_LABEL, f"not in {self.labels_path.name if self.labels_path else 'labels'}"))
+                    problems.append(
+                        Problem(
+                            rel,
+                            Reason.MISSING_LABEL,
+                            f"not in {self.labels_path.name if self.labels_path else 'labels'}",
+                        )
+                    )
                     continue
                 if row is not None:
                     seen_labels.add(id(row))

@@ -53,7 +53,9 @@ class EchoNetSource(EchoSource):
             listed.add(name)
             path = self.root / "Videos" / f"{name}.avi"
             if not path.is_file():
-                problems.append(Problem(relative(path, self.root), Reason.UNREADABLE, "listed in FileList.csv but not found"))
+                problems.append(
+                    Problem(relative(path, self.root), Reason.UNREADABLE, "listed in FileList.csv but not found")
+                )
                 continue
             targets = {k.lower(): v for k in ("EF", "ESV", "EDV") if (v := parse_float(row[k])) is not None}
             if "ef" in targets:
@@ -79,7 +81,9 @@ class EchoNetSource(EchoSource):
         if videos.is_dir():
             for path in sorted(videos.glob("*.avi")):
                 if path.stem not in listed:
-                    problems.append(Problem(relative(path, self.root), Reason.MISSING_LABEL, "not listed in FileList.csv"))
+                    problems.append(
+                        Problem(relative(path, self.root), Reason.MISSING_LABEL, "not listed in FileList.csv")
+                    )
         return ScanResult(records, problems)
 
     def frames(self, record: VideoRecord) -> Iterator[np.ndarray]:

@@ -21,7 +21,7 @@ AS_CLASSES = ("no_AS", "mild_AS", "mildtomod_AS", "moderate_AS", "severe_AS")
 SPLITS = ("train", "val", "test")
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Why a file was skipped (stable codes: they are stored and reported)."""
 
     UNREADABLE = "unreadable"

@@ -51,7 +51,9 @@ class Tmed2Source(EchoSource):
         if given:
             p = Path(given)
             return p if p.is_absolute() else self.root / p
-        found = sorted(self.root.rglob("TMED2_fold0_labeledpart.csv")) or sorted(self.root.rglob("TMED2_*labeledpart.csv"))
+        found = sorted(self.root.rglob("TMED2_fold0_labeledpart.csv")) or sorted(
+            self.root.rglob("TMED2_*labeledpart.csv")
+        )
         if not found:
             raise SourceError(f"{self.root}: no TMED2_*_labeledpart.csv split file found (pass split_csv=...)")
         return found[0]
@@ -93,7 +95,9 @@ class Tmed2Source(EchoSource):
                 else:
                     missing.append(path)
             for path in missing:
-                problems.append(Problem(relative(path, self.root), Reason.UNREADABLE, "listed in split CSV but not found"))
+                problems.append(
+                    Problem(relative(path, self.root), Reason.UNREADABLE, "listed in split CSV but not found")
+                )
             if not files:
                 continue
             records.append(

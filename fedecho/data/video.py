@@ -35,7 +35,7 @@ def write_avi(path: str | Path, frames: np.ndarray, fps: float) -> None:
     frames = np.asarray(frames, dtype=np.uint8)
     if frames.ndim == 3:
         frames = np.repeat(frames[..., None], 3, axis=-1)
-    t, h, w, _ = frames.shape
+    _t, h, w, _ = frames.shape
     with atomic_path(path, suffix=".avi") as tmp:
         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), float(fps), (w, h))
         if not writer.isOpened():

@@ -80,7 +80,12 @@ def synthesize(
     vendors = make_vendors(sites, seed)
     sizes = site_sizes(videos, sites, np.random.default_rng(np.random.SeedSequence([seed, 0x5173])))
     summaries: list[SiteSummary] = []
-    columns = (TextColumn("[bold]phantom[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]phantom[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(fmt, total=videos)
         for k, (vendor, n) in enumerate(zip(vendors, sizes, strict=True)):
@@ -90,7 +95,7 @@ def synthesize(
             efs: list[float] = []
             if fmt == "echonet":
                 writer = EchoNetWriter(root)
-                names = _unique(lambda: echonet_name(rng), n)
+                names = _unique_names(rng, n)
                 for i in range(n):
                     video = make_video(vendor, _video_rng(seed, k, i), 112, 112, max_frames)
                     writer.add(names[i], video, splits[i])
@@ -108,7 +113,9 @@ def synthesize(
                     efs.append(video.ef)
                     bar.advance(task)
             writer.close()
-            summaries.append(SiteSummary(vendor.name, root, n, float(np.mean(efs)), float(np.min(efs)), float(np.max(efs))))
+            summaries.append(
+                SiteSummary(vendor.name, root, n, float(np.mean(efs)), float(np.min(efs)), float(np.max(efs)))
+            )
     manifest = {
         "generator": "fedecho synth",
         "format": fmt,
@@ -127,13 +134,11 @@ def _video_rng(seed: int, site: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, site, index, 0xEC40]))
 
 
-def _unique(draw, n: int) -> list[str]:
-    seen: list[str] = []
-    while len(seen) < n:
-        name = draw()
-        if name not in seen:
-            seen.append(name)
-    return seen
+def _unique_names(rng: np.random.Generator, n: int) -> list[str]:
+    names: dict[str, None] = {}
+    while len(names) < n:
+        names[echonet_name(rng)] = None
+    return list(names)
 
 
 def _studies(n: int, rng: np.random.Generator, site_index: int) -> list[Study]:

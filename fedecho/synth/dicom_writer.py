@@ -82,8 +82,8 @@ def _ecg(video: PhantomVideo, n: int) -> np.ndarray:
     duration = n / video.fps
     t = cols / COLS * duration
     phase = ((t - video.heart.t_ed) / video.heart.beat) % 1.0
-    r_wave = np.exp(-(((phase + 0.5) % 1.0 - 0.5) / 0.012) ** 2)
-    t_wave = 0.3 * np.exp(-((phase - 0.3) / 0.05) ** 2)
+    r_wave = np.exp(-((((phase + 0.5) % 1.0 - 0.5) / 0.012) ** 2))
+    t_wave = 0.3 * np.exp(-(((phase - 0.3) / 0.05) ** 2))
     return (ROWS - 14 - 18 * (r_wave + t_wave)).astype(int)
 
 
@@ -123,7 +123,9 @@ def _region(video: PhantomVideo) -> Dataset:
     return r
 
 
-def _base_dataset(patient: Patient, study: Study, vendor: Vendor, site_index: int, sop_class: str, instance: int, rng) -> Dataset:
+def _base_dataset(
+    patient: Patient, study: Study, vendor: Vendor, site_index: int, sop_class: str, instance: int, rng
+) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = _uid("sop", patient.subject_id, study.study_id, instance)
@@ -220,7 +222,16 @@ class DicomArchiveWriter:
         _save(_finish(ds, frames, self.vendor.jpeg), self.root / rel)
         self.records.append([study.patient.subject_id, study.study_id, f"{study.when:%Y-%m-%d %H:%M:%S}", rel])
         self.labels.append(
-            [rel, ds.SOPInstanceUID, f"{video.ef:.6f}", f"{video.esv:.6f}", f"{video.edv:.6f}", video.ed_frame, video.es_frame, split]
+            [
+                rel,
+                ds.SOPInstanceUID,
+                f"{video.ef:.6f}",
+                f"{video.esv:.6f}",
+                f"{video.edv:.6f}",
+                video.ed_frame,
+                video.es_frame,
+                split,
+            ]
         )
         if rng.random() < 0.3:  # a Doppler-like still in the same study: not a cine
             still = _base_dataset(study.patient, study, self.vendor, self.site_index, UltrasoundImageStorage, 2, rng)

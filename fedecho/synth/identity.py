@@ -13,13 +13,34 @@ import numpy as np
 _FIRST_F = ["MARIA", "ANNA", "LINDA", "SUSAN", "KAREN", "AIKO", "FATIMA", "INGRID", "ROSA", "LEILA"]
 _FIRST_M = ["JAMES", "JOHN", "ROBERT", "MICHAEL", "DAVID", "KENJI", "OMAR", "LARS", "JOSE", "PAVEL"]
 _LAST = [
-    "SMITH", "JOHNSON", "GARCIA", "MUELLER", "ROSSI", "TANAKA", "NOWAK", "OKAFOR", "DUBOIS",
-    "HANSEN", "SILVA", "KOWALSKI", "MURPHY", "NGUYEN", "PETROV", "LINDQVIST", "HADDAD", "COHEN",
+    "SMITH",
+    "JOHNSON",
+    "GARCIA",
+    "MUELLER",
+    "ROSSI",
+    "TANAKA",
+    "NOWAK",
+    "OKAFOR",
+    "DUBOIS",
+    "HANSEN",
+    "SILVA",
+    "KOWALSKI",
+    "MURPHY",
+    "NGUYEN",
+    "PETROV",
+    "LINDQVIST",
+    "HADDAD",
+    "COHEN",
 ]
 _INSTITUTIONS = [
-    "ST. ELSEWHERE GENERAL HOSPITAL", "NORTHGATE UNIVERSITY MEDICAL CENTER", "RIVERSIDE HEART INSTITUTE",
-    "LAKESHORE COMMUNITY HOSPITAL", "MOUNT CEDAR CLINIC", "HARBOR VIEW CARDIOLOGY",
-    "ALPINE REGIONAL HOSPITAL", "EASTWOOD CHILDREN'S AND ADULT HOSPITAL",
+    "ST. ELSEWHERE GENERAL HOSPITAL",
+    "NORTHGATE UNIVERSITY MEDICAL CENTER",
+    "RIVERSIDE HEART INSTITUTE",
+    "LAKESHORE COMMUNITY HOSPITAL",
+    "MOUNT CEDAR CLINIC",
+    "HARBOR VIEW CARDIOLOGY",
+    "ALPINE REGIONAL HOSPITAL",
+    "EASTWOOD CHILDREN'S AND ADULT HOSPITAL",
 ]
 _PHYSICIANS = ["HOUSE^GREGORY", "GREY^MEREDITH", "KILDARE^JAMES", "QUINN^MICHAELA", "WELBY^MARCUS"]
 
@@ -58,4 +79,6 @@ def make_patients(n: int, rng: np.random.Generator, site_index: int) -> list[Pat
 
 def study_datetime(rng: np.random.Generator) -> dt.datetime:
     day = dt.date(2017, 1, 1) + dt.timedelta(days=int(rng.integers(0, 7 * 365)))
-    return dt.datetime(day.year, day.month, day.day, int(rng.integers(7, 19)), int(rng.integers(0, 60)), int(rng.integers(0, 60)))
+    return dt.datetime(
+        day.year, day.month, day.day, int(rng.integers(7, 19)), int(rng.integers(0, 60)), int(rng.integers(0, 60))
+    )

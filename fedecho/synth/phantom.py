@@ -80,7 +80,7 @@ def make_video(
     heart = sample_heart(vendor, rng)
     grid = PixelGrid.for_sector(height, width, vendor.depth)
     beats = float(rng.uniform(1.6, 2.4))
-    n = int(math.ceil(beats * heart.beat * vendor.fps))
+    n = math.ceil(beats * heart.beat * vendor.fps)
     ed = round(heart.t_ed * vendor.fps)
     es = ed + round(heart.systole * vendor.fps)
     n = int(min(max(n, es + 2), max(max_frames, es + 2)))

@@ -166,9 +166,15 @@ class Scanner:
             for side in (-1.0, 1.0):
                 hinge = (base[0] + side * ndir[0] * half, base[1] + side * ndir[1] * half)
                 if closed:
-                    tip = (base[0] + side * ndir[0] * 0.1 - adir[0] * 0.3, base[1] + side * ndir[1] * 0.1 - adir[1] * 0.3)
+                    tip = (
+                        base[0] + side * ndir[0] * 0.1 - adir[0] * 0.3,
+                        base[1] + side * ndir[1] * 0.1 - adir[1] * 0.3,
+                    )
                 else:
-                    tip = (hinge[0] - adir[0] * 1.6 - side * ndir[0] * 0.2, hinge[1] - adir[1] * 1.6 - side * ndir[1] * 0.2)
+                    tip = (
+                        hinge[0] - adir[0] * 1.6 - side * ndir[0] * 0.2,
+                        hinge[1] - adir[1] * 1.6 - side * ndir[1] * 0.2,
+                    )
                 _paint(img, segment_sd(x, y, hinge, tip, 0.07), VALVE, e)
         return img
 
