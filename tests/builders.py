@@ -1,0 +1,118 @@
+"""Fixture builders in the exact on-disk formats of BRIEF section 2 (CAMUS, TMED-2, DICOM)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def camus_sequence(n_frames: int, height: int = 40, width: int = 30) -> np.ndarray:
+    """(T, H, W) uint8 with a per-frame value and an orientation marker at row 2, col 5."""
+    video = np.zeros((n_frames, height, width), np.uint8)
+    for t in range(n_frames):
+        video[t, 10:30, 8:22] = 20 + 10 * t
+    video[:, 2, 5] = 255
+    return video
+
+
+def build_camus(root: Path, patients: dict[str, dict[str, object]]) -> Path:
+    """database_nifti/patientNNNN/... and database_split/subgroup_*.txt.
+
+    patients: name -> {"ef": float | None, "frames": int, "split": str, "corrupt": bool}
+    """
+    splits: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}
+    for name, spec in patients.items():
+        pdir = root / "database_nifti" / name
+        pdir.mkdir(parents=True)
+        n = int(spec.get("frames", 12))  # type: ignore[arg-type]
+        for view in ("2CH", "4CH"):
+            seq = pdir / f"{name}_{view}_half_sequence.nii.gz"
+            if spec.get("corrupt"):
+                seq.write_bytes(b"not a nifti file")
+            else:
+                # NIfTI stores (x, y, t): transpose from (t, rows, cols).
+                data = np.transpose(camus_sequence(n), (2, 1, 0))
+                nib.save(nib.Nifti1Image(data, np.eye(4)), seq)
+            lines = [f"ED: 1", f"ES: {n // 2 + 1}", f"NbFrame: {n}", "Sex: F", "Age: 56", "ImageQuality: Good"]
+            if spec.get("ef") is not None:
+                lines.append(f"EF: {spec['ef']}")
+            lines.append("FrameRate: 48.4")
+            (pdir / f"Info_{view}.cfg").write_text("\n".join(lines) + "\n")
+        splits[str(spec["split"])].append(name)
+    for split, names in splits.items():
+        f = root / "database_split" / f"subgroup_{split}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("\n".join(names) + "\n")
+    return root
+
+
+def build_tmed2(root: Path, studies: dict[str, tuple[str, str, int]], missing: tuple[str, ...] = ()) -> Path:
+    """PNGs under view_and_diagnosis_labeled_set/labeled and DEV479/TMED2_fold0_labeledpart.csv.
+
+    studies: study id -> (diagnosis_label, split, number of images); image i of a study is filled
+    with value 10 * i + 5 so order can be checked.
+    """
+    images = root / "view_and_diagnosis_labeled_set" / "labeled"
+    images.mkdir(parents=True)
+    rows = []
+    views = ["PLAX", "PSAX", "A4C", "A2C", "A4CorA2CorOther"]
+    for study, (label, split, n) in studies.items():
+        for i in range(n):
+            key = f"{study}_{i + 1}.png"
+            if key not in missing:
+                Image.fromarray(np.full((112, 112), 10 * i + 5, np.uint8)).save(images / key)
+            rows.append([key, views[i % len(views)], label, split, "labeled"])
+    rows.reverse()  # the CSV need not be in image order
+    header = ["query_key", "view_label", "diagnosis_label", "diagnosis_classifier_split", "SourceFolder"]
+    write_csv(root / "DEV479" / "TMED2_fold0_labeledpart.csv", header, rows)
+    return root
+
+
+def us_cine(frames: np.ndarray, photometric: str = "MONOCHROME2", uid_seed: str = "x", **extra: object) -> Dataset:
+    """An uncompressed Ultrasound Multi-frame dataset around frames (T, H, W[, 3]) uint8."""
+    ds = Dataset()
+    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[uid_seed])
+    ds.Modality = "US"
+    ds.PatientName = "TEST^PATIENT"
+    ds.PatientID = "P1"
+    ds.NumberOfFrames = len(frames)
+    ds.FrameTime = "20.0"
+    ds.Rows, ds.Columns = frames.shape[1:3]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SamplesPerPixel = 3 if frames.ndim == 4 else 1
+    ds.PhotometricInterpretation = photometric
+    if frames.ndim == 4:
+        ds.PlanarConfiguration = 0
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def gradient_frames(n: int = 10, h: int = 32, w: int = 32, rgb: bool = False) -> np.ndarray:
+    t = np.arange(n)[:, None, None]
+    y = np.arange(h)[None, :, None]
+    x = np.arange(w)[None, None, :]
+    gray = ((t * 7 + y * 3 + x * 2) % 256).astype(np.uint8)
+    if not rgb:
+        return gray
+    return np.stack([gray, 255 - gray, (gray // 2).astype(np.uint8)], axis=-1)
