@@ -47,7 +47,7 @@ def build_camus(root: Path, patients: dict[str, dict[str, object]]) -> Path:
                 # NIfTI stores (x, y, t): transpose from (t, rows, cols).
                 data = np.transpose(camus_sequence(n), (2, 1, 0))
                 nib.save(nib.Nifti1Image(data, np.eye(4)), seq)
-            lines = [f"ED: 1", f"ES: {n // 2 + 1}", f"NbFrame: {n}", "Sex: F", "Age: 56", "ImageQuality: Good"]
+            lines = ["ED: 1", f"ES: {n // 2 + 1}", f"NbFrame: {n}", "Sex: F", "Age: 56", "ImageQuality: Good"]
             if spec.get("ef") is not None:
                 lines.append(f"EF: {spec['ef']}")
             lines.append("FrameRate: 48.4")

@@ -9,9 +9,9 @@ import pytest
 
 os.environ.setdefault("FEDECHO_THREADS", "2")
 
-import torch  # noqa: E402
+import torch
 
-from fedecho.synth import synthesize  # noqa: E402
+from fedecho.synth import synthesize
 
 torch.set_num_threads(2)
 

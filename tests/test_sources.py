@@ -71,7 +71,9 @@ def test_echonet_bad_files_are_reported_not_fatal(echonet_phantom: Path, tmp_pat
 
 
 def test_echonet_missing_column_names_file_and_field(tmp_path: Path) -> None:
-    (tmp_path / "FileList.csv").write_text("FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,Split\nA,50,1,2,112,112,50,TRAIN\n")
+    (tmp_path / "FileList.csv").write_text(
+        "FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,Split\nA,50,1,2,112,112,50,TRAIN\n"
+    )
     with pytest.raises(SourceError, match=r"FileList\.csv: missing column\(s\) NumberOfFrames"):
         open_source(tmp_path).scan()
 
@@ -189,7 +191,7 @@ def test_tmed2_pseudo_videos_labels_and_exclusions(tmp_path: Path, cache_dir: Pa
     i = [r.key for r in ds.records].index("3725s1")
     frames = ds.frames(i)
     assert list(frames[:, 50, 50]) == [5, 15, 25, 35, 45]  # images in study order
-    clip, target = ds[i]
+    clip, _target = ds[i]
     assert clip.shape == (3, 8, 112, 112)  # 5 images loop to fill 8 frames
     views = EchoVideoDataset(open_source(root, views=["PLAX"]), split=None, targets=("as_class",))
     assert all(r.meta["views"] == ["PLAX"] for r in views.records)
