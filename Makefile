@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# The main job, growing with the project. Now: a 3-site phantom (EchoNet layout) and a small
+# hospital-style DICOM archive, read back through the data layer.
 demo: $(STAMP)
-	$(BIN)/fedecho demo --out $(DEMO_DIR)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 36 --sites 3 --seed 0
+	$(BIN)/fedecho synth $(DEMO_DIR)/archive --videos 4 --format dicom --seed 1
+	$(BIN)/fedecho data inspect $(DEMO_DIR)/phantom --cache $(DEMO_DIR)/cache
+	$(BIN)/fedecho data inspect $(DEMO_DIR)/archive --cache $(DEMO_DIR)/cache
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python bench/phantom_learnability.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -111,6 +111,10 @@ def test_phantom_archive_with_labels_and_region_crop(dicom_phantom: Path, cache_
         # Cropped to the tissue region: the top corners are black sector background, no text.
         assert frames[:, :12, :12].max() < 20 and frames[:, :12, -12:].max() < 20
         assert frames.mean() > 10
+    test_time = EchoVideoDataset(src, split="train", targets=("ef",), cache=cache_dir, test_time=True)
+    clips, target = test_time[0]
+    assert clips.shape[1:] == (3, 16, 112, 112) and set(target) == {"ef"}
+    assert clips.shape[0] == test_time.sampler.n_clips(len(test_time.frames(0)))
 
 
 def test_labels_join_by_sop_instance_uid(tmp_path: Path, cache_dir: Path) -> None:

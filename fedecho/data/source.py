@@ -7,7 +7,7 @@ everything after decoding (resizing, caching, clip sampling, normalisation) is s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -127,6 +127,3 @@ def parse_float(value: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return x if np.isfinite(x) else None
-
-
-FrameReader = Callable[[VideoRecord], Iterator[np.ndarray]]
