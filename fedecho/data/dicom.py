@@ -155,6 +155,7 @@ class DicomArchiveSource(EchoSource):
     require_labels (default: True when labels are given)."""
 
     kind = "dicom"
+    detect_cost = 1  # walks the folder
 
     @classmethod
     def detect(cls, root: Path) -> bool:

@@ -22,6 +22,7 @@ class EchoSource(ABC):
     kind: ClassVar[str]
     decoder_version: ClassVar[int] = 1  # bump when decoding changes, to invalidate cached frames
     ef_threshold: ClassVar[float] = 50.0
+    detect_cost: ClassVar[int] = 0  # detection tries cheap index-file checks before walking folders
 
     def __init__(self, root: str | Path, **options: Any):
         self.root = Path(root)
@@ -69,7 +70,7 @@ def _load_builtin() -> None:
 def detect_source(root: str | Path) -> str | None:
     _load_builtin()
     root = Path(root)
-    for kind, cls in SOURCES.items():
+    for kind, cls in sorted(SOURCES.items(), key=lambda kv: kv[1].detect_cost):
         if cls.detect(root):
             return kind
     return None
