@@ -1,0 +1,175 @@
+"""VideoMAE: tubelet embedding, fixed sinusoidal positions, tube/random masking, encoder on
+visible tokens only, a light decoder, and MSE on masked tokens against per-patch normalised
+pixels. Parameter layout follows VideoMAE so published weights import unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from fedecho.models.config import ModelConfig
+
+
+def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
+    """VideoMAE's fixed sin-cos table (n_position, dim), exactly as the reference defines it."""
+    pos = np.arange(n_position, dtype=np.float64)[:, None]
+    j = np.arange(dim)[None, :]
+    angles = pos / np.power(10000, 2 * (j // 2) / dim)
+    table = np.empty_like(angles)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    return torch.tensor(table, dtype=torch.float32)
+
+
+def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, tubelet*patch*patch*C), tokens in (t, h, w) order, C last."""
+    b, c, t, h, w = video.shape
+    x = video.reshape(b, c, t // tubelet, tubelet, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch * c)
+
+
+def normalized_targets(video01: torch.Tensor, tubelet: int, patch: int, channels: int) -> torch.Tensor:
+    """Per-patch, per-channel normalised pixels (mean 0, unbiased std 1, + 1e-6), VideoMAE's target."""
+    p = patchify(video01, tubelet, patch)
+    b, n, d = p.shape
+    p = p.reshape(b, n, d // channels, channels)
+    p = (p - p.mean(dim=-2, keepdim=True)) / (p.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    return p.reshape(b, n, d)
+
+
+def tube_mask(
+    batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Boolean (B, N), True = masked; one spatial mask repeated over every time slot."""
+    t, h, w = grid
+    n_masked = int(round(ratio * h * w))
+    noise = torch.rand(batch, h * w, generator=generator)
+    order = noise.argsort(dim=1)
+    spatial = torch.zeros(batch, h * w, dtype=torch.bool)
+    spatial.scatter_(1, order[:, :n_masked], True)
+    return spatial.unsqueeze(1).expand(batch, t, h * w).reshape(batch, t * h * w)
+
+
+def random_mask(
+    batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Boolean (B, N), True = masked; independent positions over space and time."""
+    n = grid[0] * grid[1] * grid[2]
+    n_masked = int(round(ratio * n))
+    order = torch.rand(batch, n, generator=generator).argsort(dim=1)
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    mask.scatter_(1, order[:, :n_masked], True)
+    return mask
+
+
+def _blocks(
+    dim: int, depth: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, drop_path: float
+) -> nn.ModuleList:
+    norm = functools.partial(nn.LayerNorm, eps=eps)  # timm passes device/dtype to norm_layer
+    rates = [float(x) for x in torch.linspace(0, drop_path, depth)] if depth else []
+    return nn.ModuleList(
+        [Block(dim, heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm, drop_path=rates[i]) for i in range(depth)]
+    )
+
+
+class TubeletEmbed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        k = (cfg.tubelet_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=k, stride=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VideoMAEEncoder(nn.Module):
+    """ViT over tubelet tokens; runs on visible tokens only when given a mask."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = TubeletEmbed(cfg)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.embed_dim)[None], persistent=False)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1, 1), persistent=False)
+        self.blocks = _blocks(
+            cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.drop_path
+        )
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.encoder_norm else nn.Identity()
+
+    def check_input(self, video: torch.Tensor) -> None:
+        c = self.cfg
+        want = (c.in_chans, c.num_frames, c.img_size, c.img_size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != want:
+            raise ValueError(f"expected video (B, {', '.join(map(str, want))}) in [0, 1], got {tuple(video.shape)}")
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """video (B, C, T, H, W) in [0, 1]; mask (B, N) True = hidden. Returns (B, N_visible, D)."""
+        self.check_input(video)
+        x = self.patch_embed((video - self.mean) / self.std)
+        x = x + self.pos_embed.to(x.dtype)
+        if mask is not None:
+            b, _, d = x.shape
+            x = x[~mask].reshape(b, -1, d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class VideoMAEDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.decoder_dim)[None], persistent=False)
+        self.blocks = _blocks(
+            cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, 0.0
+        )
+        self.norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.decoder_norm_eps)
+        self.head = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the masked tokens (B, N_masked, patch_dim), in the mask's token order."""
+        x = self.encoder_to_decoder(visible)
+        b, _, d = x.shape
+        pos = self.pos_embed.expand(b, -1, -1).to(x.dtype)
+        pos_vis = pos[~mask].reshape(b, -1, d)
+        pos_mask = pos[mask].reshape(b, -1, d)
+        x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_mask], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        n_masked = pos_mask.shape[1]
+        return self.head(self.norm(x[:, -n_masked:]))
+
+
+def reconstruction_loss(
+    pred: torch.Tensor, video01: torch.Tensor, mask: torch.Tensor, cfg: ModelConfig
+) -> torch.Tensor:
+    """MSE between predicted and target pixels of the masked tokens only."""
+    with torch.no_grad():
+        if cfg.norm_pix_loss:
+            target = normalized_targets(video01, cfg.tubelet_size, cfg.patch_size, cfg.in_chans)
+        else:
+            target = patchify(video01, cfg.tubelet_size, cfg.patch_size)
+        b = target.shape[0]
+        target = target[mask].reshape(b, -1, target.shape[-1])
+    return nn.functional.mse_loss(pred.float(), target.float())
+
+
+def init_weights(module: nn.Module) -> None:
+    """VideoMAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
