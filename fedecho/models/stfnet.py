@@ -67,7 +67,7 @@ class STFNet(nn.Module):
     def __init__(self, dim: int, grid: tuple[int, int, int], hidden: int, tubelet: int, num_frames: int):
         super().__init__()
         self.grid, self.tubelet, self.num_frames = grid, tubelet, num_frames
-        t, h, w = grid
+        _t, h, w = grid
         self.register_buffer("pos3d", sinusoid_3d(grid, dim), persistent=False)
         self.joint = Bottleneck(dim, 3)
         self.joint_pool = GatedAttentionPool(dim, hidden)

@@ -48,7 +48,7 @@ def tube_mask(
 ) -> torch.Tensor:
     """Boolean (B, N), True = masked; one spatial mask repeated over every time slot."""
     t, h, w = grid
-    n_masked = int(round(ratio * h * w))
+    n_masked = round(ratio * h * w)
     noise = torch.rand(batch, h * w, generator=generator)
     order = noise.argsort(dim=1)
     spatial = torch.zeros(batch, h * w, dtype=torch.bool)
@@ -61,7 +61,7 @@ def random_mask(
 ) -> torch.Tensor:
     """Boolean (B, N), True = masked; independent positions over space and time."""
     n = grid[0] * grid[1] * grid[2]
-    n_masked = int(round(ratio * n))
+    n_masked = round(ratio * n)
     order = torch.rand(batch, n, generator=generator).argsort(dim=1)
     mask = torch.zeros(batch, n, dtype=torch.bool)
     mask.scatter_(1, order[:, :n_masked], True)
