@@ -113,7 +113,7 @@ def test_phantom_archive_with_labels_and_region_crop(dicom_phantom: Path, cache_
         assert frames.mean() > 10
     test_time = EchoVideoDataset(src, split="train", targets=("ef",), cache=cache_dir, test_time=True)
     clips, target = test_time[0]
-    assert clips.shape[1:] == (3, 16, 112, 112) and set(target) == {"ef"}
+    assert clips.shape[1:] == (3, 16, 112, 112) and set(target) == {"ef", "frame_index"}
     assert clips.shape[0] == test_time.sampler.n_clips(len(test_time.frames(0)))
 
 

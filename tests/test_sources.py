@@ -163,7 +163,7 @@ def test_camus_records_splits_threshold_and_orientation(camus: Path, cache_dir: 
     assert np.array_equal(frames[:, 20, 20], expected[:, 20, 15])
     period = EchoVideoDataset(open_source(camus), split="train", sampler=ClipSampler(4, 3), cache=cache_dir, size=40)
     clip, target = period[0]
-    assert clip.shape == (3, 4, 40, 40) and set(target) == {"ef"}
+    assert clip.shape == (3, 4, 40, 40) and set(target) == {"ef", "frame_index"}
     assert [r.split for r in period.records] == ["train"] * 4  # patients 1 and 6, both views
 
 

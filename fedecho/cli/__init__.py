@@ -6,7 +6,10 @@ import typer
 
 import fedecho
 from fedecho.cli import data as data_cli
+from fedecho.cli import model as model_cli
+from fedecho.cli import predict as predict_cli
 from fedecho.cli import synth as synth_cli
+from fedecho.cli import train as train_cli
 
 app = typer.Typer(
     name="fedecho",
@@ -17,6 +20,9 @@ app = typer.Typer(
 )
 app.command("synth")(synth_cli.synth)
 app.add_typer(data_cli.app, name="data")
+app.add_typer(model_cli.app, name="model")
+app.add_typer(train_cli.app, name="train")
+app.command("predict")(predict_cli.predict)
 
 
 def _version(value: bool) -> None:

@@ -116,20 +116,32 @@ class EchoVideoDataset(Dataset[Item]):
         return {t: torch.tensor(record.targets[t], dtype=torch.float32) for t in self.targets}
 
     def __getitem__(self, index: int) -> Item:
+        """(clip, info): info holds the float targets and "frame_index", the sampled frames."""
         record = self.records[index]
         frames = self.frames(index)
         n = len(frames)
+        info = self.target_tensor(record)
         if self.test_time:
-            clips = [
-                clip_tensor(frames, self.sampler.indices(n, c)) for c in self.sampler.test_clips(n, self.max_clips)
-            ]
-            video = torch.stack([normalize(c, self.mean, self.std) for c in clips])
-            return video, self.target_tensor(record)
+            indices = [self.sampler.indices(n, c) for c in self.sampler.test_clips(n, self.max_clips)]
+            video = torch.stack([normalize(clip_tensor(frames, i), self.mean, self.std) for i in indices])
+            info["frame_index"] = torch.from_numpy(np.stack(indices))
+            return video, info
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        clip = clip_tensor(frames, self.sampler.indices(n, self.sampler.random_clip(n, rng)))
+        idx = self.sampler.indices(n, self.sampler.random_clip(n, rng))
+        clip = clip_tensor(frames, idx)
         if self.augment is not None:
             clip = self.augment(clip, rng)
-        return normalize(clip, self.mean, self.std), self.target_tensor(record)
+        info["frame_index"] = torch.from_numpy(idx)
+        return normalize(clip, self.mean, self.std), info
+
+    def limit(self, fraction: float, seed: int = 0) -> None:
+        """Keep a deterministic fraction (at least one) of the videos: few-label experiments."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"label fraction must be in (0, 1], not {fraction}")
+        if fraction < 1:
+            keep = max(1, round(fraction * len(self.records)))
+            order = np.random.default_rng(seed).permutation(len(self.records))[:keep]
+            self.records = [self.records[i] for i in sorted(order)]
 
     def normalization(self, max_videos: int = 128) -> tuple[list[float], list[float]]:
         """Per-channel mean/std over (up to max_videos of) this dataset's videos, in [0, 1]."""

@@ -1,0 +1,143 @@
+"""Run configuration (TOML): [model], [data], [pretrain], [finetune].
+
+Every section maps onto a dataclass; an unknown key or a value of the wrong type is an error
+that names the file, the section and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataSection:
+    """Where the data is and how clips are drawn (frame size and count come from the model)."""
+
+    root: str = ""
+    source: str = "auto"
+    labels: str = ""  # DICOM archives: the site's labels CSV
+    cache: str = ""  # default: ~/.cache/fedecho/frames
+    period: int = 0  # 0: frames spread evenly over the video (the paper); k: every k-th frame
+    max_test_clips: int = 8  # test-time averaging: at most this many clips per video (0: all)
+    label_fraction: float = 1.0  # fine-tune on this fraction of the labelled training videos
+    augment: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class PhaseSection:
+    """One training phase's optimisation settings."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    accumulate: int = 1  # gradient accumulation steps
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    eval_every: int = 1  # epochs between evaluations (fine-tuning)
+    tasks: list[str] = field(default_factory=lambda: ["ef"])
+    freeze_encoder: bool = False  # linear probing (STF-Net and heads still train)
+    init: str = ""  # checkpoint to start from (fine-tuning: the pre-trained encoder)
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any]
+    data: DataSection
+    pretrain: PhaseSection
+    finetune: PhaseSection
+    path: Path | None = None
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model.get("name", "echo_vit_tiny"))
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "name"}
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    hint = typing.get_origin(annotation) or annotation
+    if isinstance(annotation, types.UnionType):
+        hint = tuple(typing.get_args(annotation))
+    if annotation is float or hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        return float(value)
+    if annotation is int or hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, not {value!r}")
+        return value
+    if annotation is bool or hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        return value
+    if annotation is str or hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, not {value!r}")
+        return value
+    if hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, not {value!r}")
+        (inner,) = typing.get_args(annotation)
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def section(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """Build a section dataclass from a TOML table, naming the field on any mistake."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    known = {"model", "data", "pretrain", "finetune"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError(f"{path}: [model] must be a table")
+    cfg = RunConfig(
+        model=model,
+        data=section(DataSection, raw.get("data", {}), f"{path}: [data]"),
+        pretrain=section(PhaseSection, raw.get("pretrain", {}), f"{path}: [pretrain]"),
+        finetune=section(PhaseSection, raw.get("finetune", {}), f"{path}: [finetune]"),
+        path=path,
+    )
+    # Validate the model section now, so a typo fails before any data is read.
+    from fedecho.models import model_config
+
+    try:
+        model_config(cfg.model_name, **cfg.model_overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: [model] {e}") from e
+    return cfg

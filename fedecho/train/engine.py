@@ -1,0 +1,232 @@
+"""The local training engine: masked-autoencoder pre-training, fine-tuning, evaluation.
+
+`Trainer` owns the optimisation state (AdamW from timm's factory, warm-up + cosine schedule from
+timm, gradient accumulation, bf16 autocast on CUDA and fp32 on CPU) and runs whole epochs;
+the federated ClientApp calls the same `Trainer.train_epoch` and `evaluate` unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+
+from fedecho.data import EchoVideoDataset
+from fedecho.models import EchoVisionFM, get_task
+from fedecho.train.config import PhaseSection
+from fedecho.train.metrics import task_metrics
+
+Phase = Literal["pretrain", "finetune"]
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 is ~100x slower on these CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_trainable(model: EchoVisionFM, phase: Phase, freeze_encoder: bool) -> None:
+    """Pre-training trains encoder and decoder; fine-tuning trains fusion and heads, and the
+    encoder unless it is frozen (linear probing)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if phase == "finetune" and freeze_encoder:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+
+
+def _progress(enabled: bool) -> Progress:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, TextColumn("{task.fields[status]}"), disable=not enabled, transient=True)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    steps: int
+    examples: int
+    seconds: float
+    lr: float
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: EchoVisionFM,
+        phase: Phase,
+        cfg: PhaseSection,
+        steps_per_epoch: int,
+        device: torch.device | None = None,
+    ):
+        self.model, self.phase, self.cfg = model, phase, cfg
+        self.device = device or pick_device()
+        self.model.to(self.device)
+        set_trainable(model, phase, cfg.freeze_encoder)
+        self.tasks = [get_task(t) for t in cfg.tasks] if phase == "finetune" else []
+        if phase == "finetune":
+            missing = [t.name for t in self.tasks if t.name not in model.heads]
+            if missing:
+                raise ValueError(f"model has no head for task(s) {missing}; heads: {list(model.heads)}")
+        self.optimizer = create_optimizer_v2(
+            model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas)
+        )
+        updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.accumulate))
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=max(1, cfg.epochs * updates_per_epoch),
+            lr_min=cfg.min_lr,
+            warmup_t=int(round(cfg.warmup_epochs * updates_per_epoch)),
+            warmup_lr_init=min(cfg.min_lr, cfg.lr),
+            t_in_epochs=False,
+        )
+        self.epoch = 0
+        self.updates = 0
+
+    def loss(self, video: torch.Tensor, info: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        if self.phase == "pretrain":
+            mask = self.model.make_mask(video.shape[0], generator).to(self.device)
+            loss, _, _ = self.model.forward_pretrain(video, mask)
+            return loss
+        out = self.model(video, info["frame_index"].to(self.device))
+        return sum(t.loss(out[t.name], info[t.name].to(self.device)) for t in self.tasks)  # type: ignore[return-value]
+
+    def train_epoch(self, loader: Iterable, progress: bool = False, max_steps: int | None = None) -> EpochResult:
+        """One pass over loader (or max_steps batches); deterministic in (seed, epoch)."""
+        self.model.train()
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        total, steps, examples = 0.0, 0, 0
+        t0 = time.time()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        if max_steps is not None and n is not None:
+            n = min(n, max_steps)
+        with _progress(progress) as bar:
+            task = bar.add_task(f"{self.phase} epoch {self.epoch + 1}", total=n, status="")
+            for video, info in loader:
+                video = video.to(self.device, non_blocking=True)
+                with autocast(self.device):
+                    loss = self.loss(video, info, gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.phase} loss became {loss.item()} at epoch {self.epoch + 1}")
+                (loss / self.cfg.accumulate).backward()
+                steps += 1
+                examples += video.shape[0]
+                total += loss.item()
+                if steps % self.cfg.accumulate == 0 or steps == n:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.updates += 1
+                    self.scheduler.step_update(self.updates)
+                bar.update(task, advance=1, status=f"loss {total / steps:.4f}")
+                if max_steps is not None and steps >= max_steps:
+                    break
+        if steps % self.cfg.accumulate:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+            self.scheduler.step_update(self.updates)
+        self.epoch += 1
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        return EpochResult(total / max(steps, 1), steps, examples, time.time() - t0, lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "updates": self.updates,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.updates = int(state["epoch"]), int(state["updates"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def make_loader(
+    dataset: EchoVideoDataset, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int = 0
+) -> DataLoader:
+    dataset.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers, drop_last=False
+    )
+
+
+@torch.no_grad()
+def predict_clips(
+    model: EchoVisionFM, clips: torch.Tensor, frame_index: torch.Tensor, batch_size: int = 8
+) -> dict[str, np.ndarray]:
+    """Test-time averaging: every clip (N, C, T, H, W) through the model, decoded, mean over clips."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    for i in range(0, len(clips), batch_size):
+        with autocast(device):
+            out = model(clips[i : i + batch_size].to(device), frame_index[i : i + batch_size].to(device))
+        for name, o in out.items():
+            dec = get_task(name).decode(o.float()).sum(dim=0)
+            sums[name] = sums[name] + dec if name in sums else dec
+    return {k: (v / len(clips)).cpu().numpy() for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: EchoVisionFM, dataset: EchoVideoDataset, tasks: list[str], progress: bool = False, batch_size: int = 8
+) -> dict[str, float]:
+    """Metrics over the full evaluation set, averaging predictions over each video's clips."""
+    if not dataset.test_time:
+        raise ValueError("evaluate needs a test_time dataset (all clips of each video)")
+    preds: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    ys: dict[str, list[float]] = {t: [] for t in tasks}
+    with _progress(progress) as bar:
+        job = bar.add_task("evaluate", total=len(dataset), status="")
+        for i in range(len(dataset)):
+            clips, info = dataset[i]
+            out = predict_clips(model, clips, info["frame_index"], batch_size)
+            for t in tasks:
+                preds[t].append(out[t])
+                ys[t].append(float(info[t]))
+            bar.advance(job)
+    metrics: dict[str, float] = {"videos": float(len(dataset))}
+    for t in tasks:
+        task = get_task(t)
+        for k, v in task_metrics(task.kind, np.array(ys[t]), np.stack(preds[t])).items():
+            metrics[f"{t}_{k}"] = v
+    return metrics
+
+
+def pretrain_loss(model: EchoVisionFM, dataset: EchoVideoDataset, batch_size: int = 8, seed: int = 0) -> float:
+    """Mean masked-reconstruction loss over a dataset with fixed masks (validation for pre-training)."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for video, _ in DataLoader(dataset, batch_size=batch_size):
+            mask = model.make_mask(video.shape[0], gen).to(device)
+            with autocast(device):
+                loss, _, _ = model.forward_pretrain(video.to(device), mask)
+            total += loss.item() * video.shape[0]
+            n += video.shape[0]
+    return total / max(n, 1)
+
+
+Callback = Callable[[dict[str, Any]], None]

@@ -1,0 +1,189 @@
+"""Runs of the local engine from a run config: what `fedecho train ...` does.
+
+An output folder holds `model.safetensors` (+ `.json`), `train_state.pt` (optimiser, schedule,
+epoch: for `--resume`) and `metrics.jsonl` (one JSON object per epoch and per evaluation).
+Every file is written atomically; metrics past the last checkpoint are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedecho.data import Augment, ClipSampler, EchoVideoDataset, FrameCache, open_source
+from fedecho.models import CheckpointError, EchoVisionFM, create_model, load_checkpoint, save_checkpoint
+from fedecho.models.checkpoint import load_state
+from fedecho.storage.files import atomic_write_bytes
+from fedecho.train.config import RunConfig
+from fedecho.train.engine import Phase, Trainer, evaluate, make_loader, pick_device, pretrain_loss
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def make_datasets(
+    cfg: RunConfig, model: EchoVisionFM, tasks: tuple[str, ...], data: str | Path | None = None, seed: int = 0
+) -> dict[str, EchoVideoDataset]:
+    """train (random clips, augmented), val and test (all clips) datasets for the model's geometry."""
+    root = Path(data or cfg.data.root)
+    if not str(root):
+        raise ValueError("no data: set [data] root in the config or pass --data")
+    options = {"labels": cfg.data.labels} if cfg.data.labels else {}
+    source = open_source(root, cfg.data.source, **options)
+    scan = source.scan()
+    mc = model.cfg
+    common: dict[str, Any] = {
+        "targets": tasks,
+        "sampler": ClipSampler(mc.num_frames, cfg.data.period or None),
+        "size": mc.img_size,
+        "cache": FrameCache(cfg.data.cache or None),
+        "scan": scan,
+        "seed": seed,
+    }
+    test_clips = cfg.data.max_test_clips or None
+    out = {
+        "train": EchoVideoDataset(source, "train", augment=Augment() if cfg.data.augment else None, **common),
+        "val": EchoVideoDataset(source, "val", test_time=True, max_clips=test_clips, **common),
+        "test": EchoVideoDataset(source, "test", test_time=True, max_clips=test_clips, **common),
+    }
+    if not out["train"].records:
+        raise ValueError(f"{root}: no training videos with targets {list(tasks) or 'none'}")
+    return out
+
+
+def init_encoder(model: EchoVisionFM, path: str | Path) -> None:
+    """Copy a pre-trained checkpoint's encoder into model; shapes must agree."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint to initialise from")
+    state = {k: v for k, v in load_file(str(path)).items() if k.startswith("encoder.")}
+    if not state:
+        raise CheckpointError(f"{path}: holds no encoder tensors")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: encoder tensors missing: {', '.join(missing[:6])}")
+    load_state(model, state, str(path), strict=False)
+
+
+def _append_metrics(out: Path, record: dict[str, Any]) -> None:
+    path = out / METRICS_FILE
+    old = path.read_bytes() if path.exists() else b""
+    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(out: Path, epoch: int) -> None:
+    kept = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
+    atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def _save_state(out: Path, trainer: Trainer) -> None:
+    buf = io.BytesIO()
+    torch.save(trainer.state_dict(), buf)
+    atomic_write_bytes(out / STATE_FILE, buf.getvalue())
+
+
+def train_phase(
+    cfg: RunConfig,
+    phase: Phase,
+    out: str | Path,
+    data: str | Path | None = None,
+    resume: bool = False,
+    init: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Pre-train or fine-tune for the phase's epochs, checkpointing after each; returns the last record."""
+    console = console or Console(quiet=not progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pcfg = cfg.pretrain if phase == "pretrain" else cfg.finetune
+    tasks = tuple(pcfg.tasks) if phase == "finetune" else ()
+    torch.manual_seed(pcfg.seed)
+    resuming = resume and (out / STATE_FILE).is_file() and (out / MODEL_FILE).is_file()
+    if resuming:
+        model = load_checkpoint(out / MODEL_FILE)
+    elif phase == "pretrain":
+        model = create_model(cfg.model_name, decoder=True, **cfg.model_overrides)
+    else:
+        model = create_model(cfg.model_name, decoder=False, **{**cfg.model_overrides, "tasks": list(tasks)})
+        init = init or pcfg.init or None
+        if init:
+            init_encoder(model, init)
+            console.print(f"encoder initialised from {init}")
+    sets = make_datasets(cfg, model, tasks, data, pcfg.seed)
+    train = sets["train"]
+    train.prepare(progress=progress)
+    if phase == "finetune" and cfg.data.label_fraction < 1:
+        train.limit(cfg.data.label_fraction, pcfg.seed)
+    steps = (len(train) + pcfg.batch_size - 1) // pcfg.batch_size
+    trainer = Trainer(model, phase, pcfg, steps, pick_device(device))
+    if resuming:
+        trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=False))
+        _truncate_metrics(out, trainer.epoch)
+        console.print(f"resuming {phase} at epoch {trainer.epoch + 1} of {pcfg.epochs}")
+    val = sets["val"]
+    val.prepare(progress=progress)
+    record: dict[str, Any] = {}
+    while trainer.epoch < pcfg.epochs:
+        loader = make_loader(train, pcfg.batch_size, True, pcfg.seed, trainer.epoch, cfg.data.num_workers)
+        res = trainer.train_epoch(loader, progress=progress)
+        record = {
+            "phase": phase, "epoch": trainer.epoch, "train_loss": res.loss, "lr": res.lr,
+            "examples": res.examples, "seconds": round(res.seconds, 2), "time": time.time(),
+        }  # fmt: skip
+        if len(val) and (trainer.epoch % pcfg.eval_every == 0 or trainer.epoch == pcfg.epochs):
+            if phase == "pretrain":
+                val_plain = EchoVideoDataset(
+                    val.source, "val", targets=(), sampler=val.sampler, size=val.size, cache=val.cache
+                )
+                val_plain.records = val.records
+                record["val_loss"] = pretrain_loss(model, val_plain, pcfg.batch_size, pcfg.seed)
+            else:
+                record.update({f"val_{k}": v for k, v in evaluate(model, val, list(tasks)).items()})
+        _append_metrics(out, record)
+        save_checkpoint(model, out / MODEL_FILE, {"phase": phase, "epoch": trainer.epoch, "tasks": list(tasks)})
+        _save_state(out, trainer)
+        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and k not in ("time",)}
+        console.print(f"{phase} epoch {trainer.epoch}/{pcfg.epochs}: {shown}")
+    if phase == "finetune":
+        test = sets["test"]
+        test.prepare(progress=progress)
+        if len(test):
+            record = {"phase": "test", "epoch": trainer.epoch, **evaluate(model, test, list(tasks), progress=progress)}
+            _append_metrics(out, record)
+    return record
+
+
+def evaluate_checkpoint(
+    cfg: RunConfig,
+    checkpoint: str | Path,
+    split: str = "test",
+    data: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Full-split metrics of a fine-tuned checkpoint, with test-time averaging over clips."""
+    model = load_checkpoint(checkpoint).to(pick_device(device))
+    tasks = tuple(model.cfg.tasks)
+    if not tasks:
+        raise CheckpointError(f"{checkpoint}: has no task heads (a pre-training checkpoint?)")
+    ds = make_datasets(cfg, model, tasks, data, cfg.finetune.seed)[split]
+    ds.prepare(progress=progress)
+    return evaluate(model, ds, list(tasks), progress=progress)
