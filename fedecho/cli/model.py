@@ -40,6 +40,7 @@ def import_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors (its config goes to OUT.json)."),
     img_size: int | None = typer.Option(None, "--image-size", help="Bare state dicts: input size (default 224)."),
     frames: int | None = typer.Option(None, "--frames", help="Bare state dicts: frames (default 16)."),
+    heads: int | None = typer.Option(None, "--heads", help="Bare state dicts: attention heads (default width/64)."),
 ) -> None:
     """Import VideoMAE weights (VideoMAEForPreTraining / VideoMAEModel, as Echo-Vision-FM released them).
 
@@ -48,7 +49,7 @@ def import_cmd(
     from fedecho.models.convert import import_weights
 
     try:
-        model = import_weights(source, img_size=img_size, num_frames=frames)
+        model = import_weights(source, img_size=img_size, num_frames=frames, num_heads=heads)
     except (CheckpointError, KeyError, ValueError) as e:
         Console(stderr=True).print(f"[red]error:[/] {source}: cannot import ({type(e).__name__}: {e})")
         raise typer.Exit(2) from e

@@ -72,7 +72,7 @@ def _blocks(
     dim: int, depth: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, drop_path: float
 ) -> nn.ModuleList:
     norm = functools.partial(nn.LayerNorm, eps=eps)  # timm passes device/dtype to norm_layer
-    rates = [float(x) for x in torch.linspace(0, drop_path, depth)] if depth else []
+    rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
     return nn.ModuleList(
         [Block(dim, heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm, drop_path=rates[i]) for i in range(depth)]
     )

@@ -90,7 +90,7 @@ class Trainer:
             self.optimizer,
             t_initial=max(1, cfg.epochs * updates_per_epoch),
             lr_min=cfg.min_lr,
-            warmup_t=int(round(cfg.warmup_epochs * updates_per_epoch)),
+            warmup_t=round(cfg.warmup_epochs * updates_per_epoch),
             warmup_lr_init=min(cfg.min_lr, cfg.lr),
             t_in_epochs=False,
         )
