@@ -21,13 +21,19 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The main job, growing with the project. Now: a 3-site phantom (EchoNet layout) and a small
-# hospital-style DICOM archive, read back through the data layer.
+# hospital-style DICOM archive read back through the data layer, then local pre-training and
+# EF fine-tuning of echo_vit_tiny on one site, and a prediction on a DICOM cine.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 36 --sites 3 --seed 0
+	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 90 --sites 3 --seed 0
 	$(BIN)/fedecho synth $(DEMO_DIR)/archive --videos 4 --format dicom --seed 1
 	$(BIN)/fedecho data inspect $(DEMO_DIR)/phantom --cache $(DEMO_DIR)/cache
 	$(BIN)/fedecho data inspect $(DEMO_DIR)/archive --cache $(DEMO_DIR)/cache
+	$(BIN)/fedecho train pretrain --config configs/demo.toml --out $(DEMO_DIR)/runs/pretrain
+	$(BIN)/fedecho train finetune --config configs/demo.toml --out $(DEMO_DIR)/runs/finetune \
+		--init $(DEMO_DIR)/runs/pretrain/model.safetensors
+	$(BIN)/fedecho predict $$(ls $(DEMO_DIR)/archive/files/*/*/*/*_0001.dcm | head -n 1) \
+		--checkpoint $(DEMO_DIR)/runs/finetune/model.safetensors
 
 test: $(STAMP)
 	$(BIN)/ruff check .
