@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,12 @@ def test_cli_train_evaluate_predict(
     assert res.exit_code == 0 and "% (LVEF)" in res.output
     res = runner.invoke(app, ["train", "pretrain", "--config", str(tmp_path / "missing.toml")])
     assert res.exit_code == 2
+
+
+def test_gradient_accumulation_counts_updates(run_config: Path, tmp_path: Path) -> None:
+    cfg = load_run_config(run_config)
+    cfg.pretrain.epochs, cfg.pretrain.batch_size, cfg.pretrain.accumulate = 1, 2, 2
+    train_phase(cfg, "pretrain", tmp_path / "acc", progress=False)
+    state = torch.load(tmp_path / "acc" / run_module.STATE_FILE, weights_only=False)
+    n_train = read_metrics(tmp_path / "acc")[0]["examples"]
+    assert state["updates"] == math.ceil(math.ceil(n_train / 2) / 2)  # ceil(ceil(n / batch) / accumulate)

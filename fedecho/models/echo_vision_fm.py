@@ -52,6 +52,14 @@ class EchoVisionFM(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.constant_(last.bias, get_task(name).init_bias())
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's layer-wise LR decay: stem, each encoder block, encoder norm;
+        everything else (decoder, STF-Net, heads) gets the full learning rate."""
+        return {
+            "stem": r"^encoder\.patch_embed",
+            "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
+        }
+
     def make_mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         fn = tube_mask if self.cfg.mask_type == "tube" else random_mask
         return fn(batch, self.cfg.grid, self.cfg.mask_ratio, generator)

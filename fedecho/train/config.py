@@ -46,6 +46,7 @@ class PhaseSection:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_epochs: float = 1.0
+    layer_decay: float = 1.0  # < 1: layer-wise LR decay over encoder blocks (VideoMAE fine-tuning: 0.75)
     seed: int = 0
     eval_every: int = 1  # epochs between evaluations (fine-tuning)
     tasks: list[str] = field(default_factory=lambda: ["ef"])

@@ -83,7 +83,12 @@ class Trainer:
             if missing:
                 raise ValueError(f"model has no head for task(s) {missing}; heads: {list(model.heads)}")
         self.optimizer = create_optimizer_v2(
-            model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas)
+            model,
+            opt="adamw",
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=tuple(cfg.betas),
+            layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
         )
         updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.accumulate))
         self.scheduler = CosineLRScheduler(

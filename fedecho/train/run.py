@@ -32,7 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 def make_datasets(
     cfg: RunConfig, model: EchoVisionFM, tasks: tuple[str, ...], data: str | Path | None = None, seed: int = 0
 ) -> dict[str, EchoVideoDataset]:
-    """train (random clips, augmented), val and test (all clips) datasets for the model's geometry."""
+    """train (random clips, augmented), val_clips (random clips, for the pre-training loss),
+    val and test (all clips, for metrics) datasets for the model's geometry, from one scan."""
     root = Path(data or cfg.data.root)
     if not str(root):
         raise ValueError("no data: set [data] root in the config or pass --data")
@@ -51,6 +52,7 @@ def make_datasets(
     test_clips = cfg.data.max_test_clips or None
     out = {
         "train": EchoVideoDataset(source, "train", augment=Augment() if cfg.data.augment else None, **common),
+        "val_clips": EchoVideoDataset(source, "val", **common),
         "val": EchoVideoDataset(source, "val", test_time=True, max_clips=test_clips, **common),
         "test": EchoVideoDataset(source, "test", test_time=True, max_clips=test_clips, **common),
     }
@@ -138,7 +140,7 @@ def train_phase(
         trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=False))
         _truncate_metrics(out, trainer.epoch)
         console.print(f"resuming {phase} at epoch {trainer.epoch + 1} of {pcfg.epochs}")
-    val = sets["val"]
+    val = sets["val_clips"] if phase == "pretrain" else sets["val"]
     val.prepare(progress=progress)
     record: dict[str, Any] = {}
     while trainer.epoch < pcfg.epochs:
