@@ -3,7 +3,8 @@ and whether pre-training helps when labels are few (10 % of the training videos)
 
     python bench/local_training.py --videos 300
 
-Runs, all on the same TRAIN/VAL/TEST phantom split, test EF MAE with test-time averaging:
+Pre-training runs on a separate unlabeled phantom pool (--unlabeled videos, another seed), then
+fine-tuning on the labelled phantom's TRAIN split; all runs report test EF MAE with test-time averaging:
   mean predictor | scratch, all labels | pre-trained, all labels | scratch, 10 % | pre-trained, 10 %
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--fraction", type=float, default=0.1)
+    p.add_argument("--unlabeled", type=int, default=600, help="extra unlabeled phantom videos for pre-training (0: none)")
     p.add_argument("--work", type=Path, default=Path("bench/work/local_training"))
     p.add_argument("--out", type=Path, default=Path("bench/results/local_training.json"))
     args = p.parse_args()
@@ -48,9 +50,14 @@ def main() -> None:
     test_ef = np.array([r.targets["ef"] for r in scan.records if r.split == "test"])
     baseline = float(np.abs(test_ef - np.mean(train_ef)).mean())
     results: dict[str, dict[str, float]] = {"mean predictor": {"ef_mae": baseline}}
+    # Pre-training sees a separate, larger unlabeled pool (another seed: other patients), as a
+    # foundation model does; with --unlabeled 0 it uses the labelled set's training videos.
+    pool = args.work / f"unlabeled-{args.unlabeled}"
+    if args.unlabeled and not (pool / "FileList.csv").is_file():
+        synthesize(pool, videos=args.unlabeled, sites=1, fmt="echonet", seed=1)
     t0 = time.time()
-    pre = args.work / "pretrain"
-    train_phase(base, "pretrain", pre, resume=True, progress=False)
+    pre = args.work / f"pretrain-{args.unlabeled}-{base.pretrain.epochs}"
+    train_phase(base, "pretrain", pre, data=pool if args.unlabeled else None, resume=True, progress=False)
     pretrain_s = time.time() - t0
     for label, fraction, init in (
         ("scratch, all labels", 1.0, None),
@@ -63,18 +70,19 @@ def main() -> None:
         if fraction < 1:  # equal number of updates: more epochs over fewer videos
             cfg.finetune.epochs = round(cfg.finetune.epochs / fraction / 2)
         t = time.time()
-        folder = args.work / label.replace(" ", "_").replace(",", "").replace("%", "pct")
+        folder = args.work / f"{pre.name}-{label.replace(' ', '_').replace(',', '').replace('%', 'pct')}"
         rec = train_phase(cfg, "finetune", folder, init=init, resume=True, progress=False)
         results[label] = {"ef_mae": rec["ef_mae"], "ef_r2": rec["ef_r2"], "seconds": round(time.time() - t, 1)}
         print(label, results[label], flush=True)
     summary = {
-        "videos": args.videos, "train_videos": len(train_ef), "test_videos": len(test_ef),
+        "videos": args.videos, "train_videos": len(train_ef), "test_videos": len(test_ef), "unlabeled": args.unlabeled,
         "pretrain_epochs": base.pretrain.epochs, "finetune_epochs": base.finetune.epochs,
         "pretrain_seconds": round(pretrain_s, 1), "results": results,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\npre-training: {base.pretrain.epochs} epochs, {pretrain_s / 60:.1f} min\n")
+    pool_text = f"{args.unlabeled} unlabeled videos (75 % used)" if args.unlabeled else "the training videos"
+    print(f"\npre-training: {base.pretrain.epochs} epochs on {pool_text}, {pretrain_s / 60:.1f} min\n")
     print("| run (echo_vit_tiny, STF-Net) | test EF MAE | R2 | fine-tune time |")
     print("|---|---|---|---|")
     for label, r in results.items():
