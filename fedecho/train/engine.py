@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -233,5 +233,3 @@ def pretrain_loss(model: EchoVisionFM, dataset: EchoVideoDataset, batch_size: in
             n += video.shape[0]
     return total / max(n, 1)
 
-
-Callback = Callable[[dict[str, Any]], None]
