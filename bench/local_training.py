@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--unlabeled", type=int, default=600, help="extra unlabeled phantom videos for pre-training (0: none)")
+    p.add_argument("--unlabeled", type=int, default=600, help="unlabeled phantom videos for pre-training (0: none)")
     p.add_argument("--work", type=Path, default=Path("bench/work/local_training"))
     p.add_argument("--out", type=Path, default=Path("bench/results/local_training.json"))
     args = p.parse_args()

@@ -232,4 +232,3 @@ def pretrain_loss(model: EchoVisionFM, dataset: EchoVideoDataset, batch_size: in
             total += loss.item() * video.shape[0]
             n += video.shape[0]
     return total / max(n, 1)
-
