@@ -132,22 +132,22 @@ class Trainer:
                 steps += 1
                 examples += video.shape[0]
                 total += loss.item()
-                if steps % self.cfg.accumulate == 0 or steps == n:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.updates += 1
-                    self.scheduler.step_update(self.updates)
+                if steps % self.cfg.accumulate == 0:
+                    self._update()
                 bar.update(task, advance=1, status=f"loss {total / steps:.4f}")
                 if max_steps is not None and steps >= max_steps:
                     break
-        if steps % self.cfg.accumulate:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.updates += 1
-            self.scheduler.step_update(self.updates)
+        if steps % self.cfg.accumulate:  # a last, partial accumulation group
+            self._update()
         self.epoch += 1
         lr = float(self.optimizer.param_groups[0]["lr"])
         return EpochResult(total / max(steps, 1), steps, examples, time.time() - t0, lr)
+
+    def _update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
 
     def state_dict(self) -> dict[str, Any]:
         return {
