@@ -5,20 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedecho._env import set_torch_threads
-from fedecho.data import AS_CLASSES, BadFile, ClipSampler, VideoRecord, fit_square
-from fedecho.data.clips import clip_tensor, to_uint8_gray_or_rgb
+from fedecho.data import AS_CLASSES, BadFile, ClipSampler, VideoRecord, decode_video
+from fedecho.data.clips import test_time_clips
 from fedecho.models import CheckpointError, load_checkpoint
 from fedecho.train import pick_device, predict_clips
 
 
 def read_video(path: Path, size: int) -> np.ndarray:
-    """Decode one file with the matching source's decoder; frames fit to size x size."""
+    """Decode one file with the matching source's decoder, frames fit to size x size."""
     if path.suffix.lower() == ".avi":
         from fedecho.data.echonet import EchoNetSource as Source
     else:
@@ -28,9 +27,7 @@ def read_video(path: Path, size: int) -> np.ndarray:
         from fedecho.data.dicom import check_header
 
         check_header(pydicom.dcmread(path, stop_before_pixels=False, defer_size=1024), min_frames=2)
-    record = VideoRecord(key=path.name, files=(path,), split="")
-    frames = [fit_square(f, size) for f in Source(path.parent).frames(record)]
-    return to_uint8_gray_or_rgb(np.stack(frames))
+    return decode_video(Source(path.parent), VideoRecord(key=path.name, files=(path,), split=""), size)
 
 
 def predict(
@@ -56,11 +53,8 @@ def predict(
     except (CheckpointError, BadFile, ValueError) as e:
         Console(stderr=True).print(f"[red]error:[/] {video.name}: {e}")
         raise typer.Exit(2) from e
-    sampler = ClipSampler(model.cfg.num_frames, period or None)
-    clips = sampler.test_clips(len(frames), max_clips or None)
-    idx = [sampler.indices(len(frames), c) for c in clips]
-    x = torch.stack([clip_tensor(frames, i) for i in idx])
-    out = predict_clips(model, x, torch.from_numpy(np.stack(idx)))
+    clips, frame_index = test_time_clips(frames, ClipSampler(model.cfg.num_frames, period or None), max_clips or None)
+    out = predict_clips(model, clips, frame_index)
     table = Table(title=f"{video.name}: {len(frames)} frames, {len(clips)} clips averaged")
     table.add_column("head")
     table.add_column("estimate", justify="right")

@@ -99,6 +99,20 @@ def clip_tensor(frames: np.ndarray, indices: np.ndarray) -> torch.Tensor:
     return x.permute(3, 0, 1, 2).float().div_(255.0)
 
 
+def test_time_clips(
+    frames: np.ndarray,
+    sampler: ClipSampler,
+    max_clips: int | None = None,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every clip of a video for test-time averaging: (N, 3, L, H, W) and frame indices (N, L)."""
+    n = len(frames)
+    indices = [sampler.indices(n, c) for c in sampler.test_clips(n, max_clips)]
+    video = torch.stack([normalize(clip_tensor(frames, i), mean, std) for i in indices])
+    return video, torch.from_numpy(np.stack(indices))
+
+
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation for echo clips; geometry-preserving, so labels stay exact.

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import Dataset
 
 from fedecho.data.cache import FrameCache
-from fedecho.data.clips import Augment, ClipSampler, channel_stats, clip_tensor, normalize
+from fedecho.data.clips import Augment, ClipSampler, channel_stats, clip_tensor, normalize, test_time_clips
 from fedecho.data.records import TARGETS, BadFile, Problem, Reason, ScanResult, VideoRecord
 from fedecho.data.source import EchoSource
 
@@ -122,9 +122,7 @@ class EchoVideoDataset(Dataset[Item]):
         n = len(frames)
         info = self.target_tensor(record)
         if self.test_time:
-            indices = [self.sampler.indices(n, c) for c in self.sampler.test_clips(n, self.max_clips)]
-            video = torch.stack([normalize(clip_tensor(frames, i), self.mean, self.std) for i in indices])
-            info["frame_index"] = torch.from_numpy(np.stack(indices))
+            video, info["frame_index"] = test_time_clips(frames, self.sampler, self.max_clips, self.mean, self.std)
             return video, info
         rng = np.random.default_rng([self.seed, self.epoch, index])
         idx = self.sampler.indices(n, self.sampler.random_clip(n, rng))

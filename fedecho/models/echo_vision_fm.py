@@ -46,11 +46,9 @@ class EchoVisionFM(nn.Module):
         else:
             self.fusion = None
             self.heads = nn.ModuleDict()
-        self.apply(init_weights)
-        for name in cfg.tasks:  # keep the heads' neutral start after the generic init
-            last = [m for m in self.heads[name].modules() if isinstance(m, nn.Linear)][-1]
-            nn.init.zeros_(last.weight)
-            nn.init.constant_(last.bias, get_task(name).init_bias())
+        for part in (self.encoder, self.decoder, self.fusion):  # heads keep make_head's neutral start
+            if part is not None:
+                part.apply(init_weights)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for timm's layer-wise LR decay: stem, each encoder block, encoder norm;
