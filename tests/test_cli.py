@@ -12,7 +12,13 @@ from fedecho.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["synth"], ["data"], ["data", "inspect"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [], ["synth"], ["data"], ["data", "inspect"], ["model"], ["model", "list"], ["model", "import"],
+        ["train"], ["train", "pretrain"], ["train", "finetune"], ["train", "evaluate"], ["predict"],
+    ],
+)  # fmt: skip
 def test_help_on_every_command(args: list[str]) -> None:
     res = runner.invoke(app, [*args, "--help"])
     assert res.exit_code == 0 and "Usage" in res.output
@@ -31,3 +37,9 @@ def test_inspect_reports_problems_and_bad_paths(echonet_phantom: Path, tmp_path:
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["data", "inspect", str(tmp_path / "empty")], env={"COLUMNS": "200"})
     assert res.exit_code == 2 and "neither an echo source" in res.output
+
+
+def test_model_list_shows_the_zoo() -> None:
+    res = runner.invoke(app, ["model", "list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert all(n in res.output for n in ("echo_vit_tiny", "echo_vit_small", "echo_vit_base", "86.2 M"))
