@@ -152,11 +152,7 @@ def train_phase(
         }  # fmt: skip
         if len(val) and (trainer.epoch % pcfg.eval_every == 0 or trainer.epoch == pcfg.epochs):
             if phase == "pretrain":
-                val_plain = EchoVideoDataset(
-                    val.source, "val", targets=(), sampler=val.sampler, size=val.size, cache=val.cache
-                )
-                val_plain.records = val.records
-                record["val_loss"] = pretrain_loss(model, val_plain, pcfg.batch_size, pcfg.seed)
+                record["val_loss"] = pretrain_loss(model, val, pcfg.batch_size, pcfg.seed)
             else:
                 record.update({f"val_{k}": v for k, v in evaluate(model, val, list(tasks)).items()})
         _append_metrics(out, record)
