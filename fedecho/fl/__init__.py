@@ -1,0 +1,1 @@
+"""Federated learning pieces shared by the server, client and simulation roles: run files, strategies, exchange."""

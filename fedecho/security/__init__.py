@@ -1,0 +1,1 @@
+"""Deployment security: the certificate authority, TLS certificates and site authentication keys."""
