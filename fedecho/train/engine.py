@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,6 +101,8 @@ class Trainer:
         )
         self.epoch = 0
         self.updates = 0
+        # An extra loss term added at every step (FedProx's proximal term; the local engine stays unchanged).
+        self.regularizer: Callable[[], torch.Tensor] | None = None
 
     def loss(self, video: torch.Tensor, info: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         if self.phase == "pretrain":
@@ -126,6 +128,8 @@ class Trainer:
                 video = video.to(self.device, non_blocking=True)
                 with autocast(self.device):
                     loss = self.loss(video, info, gen)
+                    if self.regularizer is not None:
+                        loss = loss + self.regularizer()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.phase} loss became {loss.item()} at epoch {self.epoch + 1}")
                 (loss / self.cfg.accumulate).backward()

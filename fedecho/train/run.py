@@ -7,6 +7,7 @@ Every file is written atomically; metrics past the last checkpoint are dropped o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -18,6 +19,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedecho.data import Augment, ClipSampler, EchoVideoDataset, FrameCache, open_source
+from fedecho.data.records import ScanResult, VideoRecord
 from fedecho.models import CheckpointError, EchoVisionFM, create_model, load_checkpoint, save_checkpoint
 from fedecho.models.checkpoint import load_state
 from fedecho.storage.files import atomic_write_bytes
@@ -29,17 +31,32 @@ STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
+def partition_of(record: VideoRecord, parts: int) -> int:
+    """A stable virtual-hospital index for a record: by patient when the source knows patients."""
+    digest = hashlib.sha256((record.group or record.key).encode()).digest()
+    return int.from_bytes(digest[:4], "little") % parts
+
+
 def make_datasets(
-    cfg: RunConfig, model: EchoVisionFM, tasks: tuple[str, ...], data: str | Path | None = None, seed: int = 0
+    cfg: RunConfig,
+    model: EchoVisionFM,
+    tasks: tuple[str, ...],
+    data: str | Path | None = None,
+    seed: int = 0,
+    partition: tuple[int, int] | None = None,
 ) -> dict[str, EchoVideoDataset]:
     """train (random clips, augmented), val_clips (random clips, for the pre-training loss),
-    val and test (all clips, for metrics) datasets for the model's geometry, from one scan."""
+    val and test (all clips, for metrics) datasets for the model's geometry, from one scan.
+    partition (k, n): only the k-th of n virtual hospitals (patients never straddle two)."""
     root = Path(data or cfg.data.root)
     if not str(root):
         raise ValueError("no data: set [data] root in the config or pass --data")
     options = {"labels": cfg.data.labels} if cfg.data.labels else {}
     source = open_source(root, cfg.data.source, **options)
     scan = source.scan()
+    if partition is not None:
+        k, n = partition
+        scan = ScanResult([r for r in scan.records if partition_of(r, n) == k], scan.problems)
     mc = model.cfg
     common: dict[str, Any] = {
         "targets": tasks,

@@ -1,0 +1,109 @@
+"""The fedecho ClientApp: one hospital's side of a federated round, on Flower's Message API.
+
+A train message carries the global tensors (in the run's wire precision) and a config record:
+the run file's text, the phase, the round's learning rate and seed. The reply carries the site's
+update (local - received) in the same precision, its example count and metrics, and the site's
+name. `app` serves `fedecho client start` (the site is read from the SuperNode's node config);
+`build_client_app` lets the simulation place virtual sites instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
+from fedecho._env import set_torch_threads
+from fedecho.fl.config import parse_run_config
+from fedecho.fl.exchange import UpdateError, decode, encode
+
+log = logging.getLogger("fedecho.client")
+
+SiteResolver = Callable[[Context], Site]
+
+# Error codes of fedecho's refusals and failures (Flower reserves small numbers for its own).
+ERROR_FAILED = 100
+ERROR_MISSING_FROZEN = 101
+ERROR_BAD_MESSAGE = 102
+
+
+def site_from_node_config(context: Context) -> Site:
+    """A deployed site: the SuperNode's node config names the site's TOML file."""
+    from fedecho.client.config import load_site_config
+
+    path = context.node_config.get("site-config")
+    if not path:
+        raise ValueError("the SuperNode was started without node config site-config (use `fedecho client start`)")
+    s = load_site_config(Path(str(path)))
+    threads = getattr(s, "threads", 0)
+    if threads:
+        os.environ["FEDECHO_THREADS"] = str(threads)
+    device = getattr(s, "device", "auto")
+    return Site(
+        name=s.name,
+        data=Path(s.data),
+        cache=Path(s.cache),
+        state=Path(s.state),
+        labels=str(getattr(s, "labels", "") or ""),
+        device=None if device in ("", "auto") else device,
+    )
+
+
+def _options(msg: Message) -> dict[str, Any]:
+    return dict(msg.content["config"])
+
+
+def _error(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def build_client_app(resolve: SiteResolver) -> ClientApp:
+    app = ClientApp()
+
+    def handle(msg: Message, context: Context, train: bool) -> Message:
+        set_torch_threads()
+        try:
+            site = resolve(context)
+            options = _options(msg)
+            cfg = parse_run_config(str(options["run-toml"]), "the run file sent by the server")
+            phase = str(options["phase"])
+            received = decode(msg.content["arrays"], str(options["wire-dtype"]))
+        except (KeyError, ValueError, UpdateError) as e:
+            return _error(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
+        info = ConfigRecord({"site": site.name})
+        try:
+            if train:
+                update, metrics = site_train(cfg, phase, received, site, options)
+                content = RecordDict(
+                    {"arrays": encode(update, str(options["wire-dtype"])), "metrics": MetricRecord(metrics), "info": info}
+                )
+            else:
+                metrics = site_evaluate(cfg, phase, received, site, options)
+                content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
+        except MissingFrozen as e:
+            return _error(msg, ERROR_MISSING_FROZEN, str(e))
+        except Exception as e:  # noqa: BLE001 - the server must hear why, and the SuperNode must live on
+            log.exception("site %s: %s failed", site.name, "training" if train else "evaluation")
+            return _error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__}: {e}")
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle(msg, context, train=True)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle(msg, context, train=False)
+
+    return app
+
+
+app = build_client_app(site_from_node_config)
+
+__all__ = ["Site", "SiteResolver", "app", "build_client_app", "site_from_node_config"]

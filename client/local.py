@@ -1,0 +1,145 @@
+"""What a site does with one message: the local engine (`fedecho.train`), run on the site's data.
+
+`site_train` rebuilds the model the run file names, loads the global tensors it received, trains
+for the round's local epochs or steps with the round's learning rate, and returns its update
+(local - received) for the exchanged tensors only. `site_evaluate` scores the received model on
+the site's validation split. Nothing here knows about Flower: `client.app` wraps it in messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedecho.fl.config import FedRunConfig
+from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
+from fedecho.models import EchoVisionFM, create_model
+from fedecho.models.checkpoint import load_state
+from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
+from fedecho.data import EchoVideoDataset
+
+
+@dataclass
+class Site:
+    """One hospital as the ClientApp sees it: its name, its data and its private state folder."""
+
+    name: str
+    data: Path
+    cache: Path
+    state: Path
+    labels: str = ""
+    device: str | None = None
+    partition: tuple[int, int] | None = None  # simulation: the k-th of n virtual hospitals of one dataset
+
+
+class MissingFrozen(RuntimeError):
+    """The site lacks the frozen tensors this round needs (the server sends them next time)."""
+
+
+def build_model(cfg: FedRunConfig, phase: str) -> EchoVisionFM:
+    local = cfg.local
+    if phase == "pretrain":
+        return create_model(local.model_name, decoder=True, **local.model_overrides)
+    tasks = list(cfg.phase("finetune").tasks)
+    return create_model(local.model_name, decoder=False, **{**local.model_overrides, "tasks": tasks})
+
+
+def load_received(
+    model: EchoVisionFM, cfg: FedRunConfig, phase: str, received: dict[str, torch.Tensor], site: Site, frozen: str
+) -> None:
+    """Put the received tensors (and, for frozen fine-tuning, the site's copy of the encoder) in place."""
+    freeze = cfg.phase(phase).freeze_encoder
+    fkeys = frozen_keys(model, phase, freeze)
+    store = FrozenStore(site.state / "frozen")
+    if fkeys and all(k in received for k in fkeys):
+        store.put({k: received[k] for k in fkeys})
+    elif fkeys:
+        held = store.get(frozen)
+        if held is None:
+            raise MissingFrozen(f"site {site.name} does not hold the frozen tensors {frozen[:12]}")
+        received = {**received, **held}
+    load_state(model, received, "the global model", strict=False)
+
+
+def _datasets(cfg: FedRunConfig, model: EchoVisionFM, phase: str, site: Site, seed: int) -> dict[str, EchoVideoDataset]:
+    local = dataclasses.replace(cfg.local, data=dataclasses.replace(cfg.local.data, cache=str(site.cache)))
+    if site.labels:
+        local.data.labels = site.labels
+    tasks = tuple(cfg.phase("finetune").tasks) if phase == "finetune" else ()
+    return make_datasets(local, model, tasks, site.data, seed, site.partition)
+
+
+def site_train(
+    cfg: FedRunConfig, phase: str, received: dict[str, torch.Tensor], site: Site, options: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train one round locally; returns (update for the exchanged tensors, metrics)."""
+    t0 = time.time()
+    model = build_model(cfg, phase)
+    load_received(model, cfg, phase, received, site, str(options.get("frozen-sha256", "")))
+    pcfg = cfg.phase(phase)
+    seed = int(options["seed"])
+    torch.manual_seed(seed)
+    sets = _datasets(cfg, model, phase, site, seed)
+    train = sets["train"]
+    train.prepare(progress=False)
+    if phase == "finetune" and cfg.local.data.label_fraction < 1:
+        train.limit(cfg.local.data.label_fraction, pcfg.seed)
+    if not len(train):
+        raise ValueError(f"site {site.name} has no usable training videos for {phase}")
+    lr = float(options["lr"])
+    # The round's learning rate comes from the server's schedule over rounds: constant within a round.
+    round_cfg = dataclasses.replace(pcfg, lr=lr, min_lr=lr, warmup_epochs=0.0, seed=seed, epochs=max(1, pcfg.epochs))
+    steps_per_epoch = (len(train) + pcfg.batch_size - 1) // pcfg.batch_size
+    trainer = Trainer(model, phase, round_cfg, steps_per_epoch, pick_device(site.device))  # type: ignore[arg-type]
+    keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
+    start = {k: received[k].to(trainer.device) for k in keys}
+    mu = float(options.get("proximal-mu", 0.0))
+    if mu > 0:
+        params = dict(model.named_parameters())
+        anchors = [(params[k], v) for k, v in start.items() if k in params and params[k].requires_grad]
+        trainer.regularizer = lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)  # type: ignore[return-value]
+    losses, steps, examples = [], 0, 0
+    budget = pcfg.steps or None
+    epoch = 0
+    while (budget is None and epoch < pcfg.epochs) or (budget is not None and steps < budget):
+        loader = make_loader(train, pcfg.batch_size, True, seed, epoch, cfg.local.data.num_workers)
+        res = trainer.train_epoch(loader, max_steps=None if budget is None else budget - steps)
+        losses.append(res.loss * res.steps)
+        steps, examples, epoch = steps + res.steps, examples + res.examples, epoch + 1
+    state = model.state_dict()
+    update = {k: (state[k].detach().float() - start[k]).cpu() for k in keys}
+    metrics = {
+        "num-examples": float(len(train)),
+        "train_loss": sum(losses) / max(steps, 1),
+        "steps": float(steps),
+        "seconds": time.time() - t0,
+    }
+    return update, metrics
+
+
+@torch.no_grad()
+def site_evaluate(
+    cfg: FedRunConfig, phase: str, received: dict[str, torch.Tensor], site: Site, options: dict[str, Any]
+) -> dict[str, float]:
+    """Score the received global model on the site's validation split."""
+    model = build_model(cfg, phase)
+    load_received(model, cfg, phase, received, site, str(options.get("frozen-sha256", "")))
+    model.to(pick_device(site.device))
+    pcfg = cfg.phase(phase)
+    sets = _datasets(cfg, model, phase, site, pcfg.seed)
+    if phase == "pretrain":
+        val = sets["val_clips"]
+        val.prepare(progress=False)
+        loss = pretrain_loss(model, val, pcfg.batch_size, pcfg.seed) if len(val) else 0.0
+        return {"num-examples": float(len(val)), "val_loss": loss}
+    val = sets["val"]
+    val.prepare(progress=False)
+    if not len(val):
+        return {"num-examples": 0.0}
+    metrics = evaluate(model, val, list(pcfg.tasks))
+    return {"num-examples": float(len(val)), **{f"val_{k}": v for k, v in metrics.items() if k != "videos"}}

@@ -1,0 +1,166 @@
+"""Federated run files (TOML in `configs/`): [run], [strategy], [model], [data], [pretrain], [finetune].
+
+A federated run file is the local run config (`fedecho.train.config`) plus what federation adds:
+the run's name, seed and wire precision, the strategy by name with its parameters, and per phase
+the number of rounds and the local work per round. Mistakes are errors that name the field.
+
+    [pretrain]
+    rounds = 3          # federated rounds of masked-autoencoder pre-training (0: skip the phase)
+    epochs = 1          # local epochs per round ...
+    steps = 0           # ... or, when > 0, local steps (batches) per round instead
+    warmup_rounds = 1   # the learning rate warms up, then decays by a cosine over rounds
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedecho.train.config import ConfigError, DataSection, PhaseSection, RunConfig, section
+
+PHASES = ("pretrain", "finetune")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class RunSection:
+    """The run as a whole."""
+
+    name: str = "fedecho"
+    seed: int = 0
+    wire_dtype: str = "float32"  # tensors on the wire: float32, float16 or bfloat16 (fp32 masters on both sides)
+    fraction: float = 1.0  # fraction of connected sites asked to train each round
+    min_sites: int = 0  # replies needed for a round to count (0: the server's setting)
+    round_timeout: float = 0.0  # seconds to wait for replies (0: the server's setting)
+    max_update_norm: float = 0.0  # reject an update whose L2 norm exceeds this (0: no bound)
+
+
+@dataclass
+class FedPhaseSection(PhaseSection):
+    """One federated phase: PhaseSection's optimiser settings, applied per round at each site."""
+
+    rounds: int = 0
+    steps: int = 0  # local steps per round (0: `epochs` local epochs per round)
+    warmup_rounds: int = 0
+    eval_every: int = 1  # rounds between federated evaluations (0: only after the last round)
+    epochs: int = 1  # local epochs per round
+
+
+@dataclass
+class FedRunConfig:
+    run: RunSection
+    strategy: dict[str, Any]
+    local: RunConfig  # [model], [data], [pretrain], [finetune] as the local engine reads them
+    text: str = ""  # the file's text: it travels to the sites with every round
+    path: Path | None = None
+
+    @property
+    def strategy_name(self) -> str:
+        return str(self.strategy.get("name", "fedavg")).lower()
+
+    @property
+    def strategy_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.strategy.items() if k != "name"}
+
+    def phase(self, name: str) -> FedPhaseSection:
+        return getattr(self.local, name)  # type: ignore[no-any-return]
+
+    @property
+    def phases(self) -> list[str]:
+        """Phases with at least one round, in order."""
+        return [p for p in PHASES if self.phase(p).rounds > 0]
+
+
+def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
+    """Parse a federated run file's text (the ServerApp and the ClientApp both call this)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML ({e})") from e
+    known = {"run", "strategy", "model", "data", "pretrain", "finetune"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for name in ("pretrain", "finetune"):
+        if "warmup_epochs" in raw.get(name, {}):
+            raise ConfigError(f"{where}: [{name}].warmup_epochs does not apply to a federated run; use warmup_rounds")
+    run = section(RunSection, raw.get("run", {}), f"{where}: [run]")
+    if run.wire_dtype not in WIRE_DTYPES:
+        raise ConfigError(f"{where}: [run].wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not {run.wire_dtype!r}")
+    if not 0 < run.fraction <= 1:
+        raise ConfigError(f"{where}: [run].fraction must be in (0, 1], not {run.fraction}")
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: [model] must be a table")
+    strategy = raw.get("strategy", {"name": "fedavg"})
+    if not isinstance(strategy, dict):
+        raise ConfigError(f"{where}: [strategy] must be a table")
+    local = RunConfig(
+        model=model,
+        data=section(DataSection, raw.get("data", {}), f"{where}: [data]"),
+        pretrain=section(FedPhaseSection, raw.get("pretrain", {}), f"{where}: [pretrain]"),
+        finetune=section(FedPhaseSection, raw.get("finetune", {}), f"{where}: [finetune]"),
+    )
+    cfg = FedRunConfig(run=run, strategy=strategy, local=local, text=text)
+    for name in PHASES:
+        p = cfg.phase(name)
+        for key in ("rounds", "steps", "warmup_rounds", "epochs"):
+            if getattr(p, key) < 0:
+                raise ConfigError(f"{where}: [{name}].{key} must be >= 0")
+        if p.rounds and not (p.epochs or p.steps):
+            raise ConfigError(f"{where}: [{name}] needs epochs or steps > 0 per round")
+    if not cfg.phases:
+        raise ConfigError(f"{where}: no phase has rounds > 0 (set [pretrain].rounds or [finetune].rounds)")
+    from fedecho.fl.strategies import check_strategy
+    from fedecho.models import model_config
+
+    try:
+        model_config(local.model_name, **local.model_overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: [model] {e}") from e
+    check_strategy(cfg.strategy_name, cfg.strategy_params, where)
+    return cfg
+
+
+def load_fed_run_config(path: str | Path) -> FedRunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such run file")
+    cfg = parse_run_config(path.read_text(), str(path))
+    cfg.path = path
+    return cfg
+
+
+def round_lr(phase: FedPhaseSection, server_round: int) -> float:
+    """Learning rate for a round: linear warm-up over warmup_rounds, then cosine to min_lr."""
+    import math
+
+    if phase.warmup_rounds and server_round <= phase.warmup_rounds:
+        return phase.min_lr + (phase.lr - phase.min_lr) * server_round / (phase.warmup_rounds + 1)
+    span = max(1, phase.rounds - phase.warmup_rounds)
+    t = (server_round - phase.warmup_rounds - 1) / span
+    return phase.min_lr + 0.5 * (phase.lr - phase.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def round_seed(seed: int, phase: str, server_round: int, site: str = "") -> int:
+    """A seed that depends only on the run, phase, round and site: resumed runs replay exactly."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{phase}/{server_round}/{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+__all__ = [
+    "PHASES",
+    "WIRE_DTYPES",
+    "ConfigError",
+    "FedPhaseSection",
+    "FedRunConfig",
+    "RunSection",
+    "load_fed_run_config",
+    "parse_run_config",
+    "round_lr",
+    "round_seed",
+]

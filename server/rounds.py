@@ -1,0 +1,363 @@
+"""fedecho's round loop: Flower's strategies aggregate, fedecho persists and resumes.
+
+Flower's `Strategy.start` counts rounds from 1 and keeps everything in memory. `FederatedRun`
+drives the same strategy objects (`configure_train`, `aggregate_train`) itself so that it can:
+- send the exchanged tensors in the run's wire precision, and per site the frozen encoder when a
+  site does not hold it yet;
+- wait for replies with a deadline and go on with the sites that answered (dropouts);
+- check every update (names, shapes, dtype, finite values, norm) before aggregation, decode it to
+  fp32 and add it to the fp32 master;
+- checkpoint the global model and the strategy's state after every round and record the round,
+  every site's result and the bytes moved in the store;
+- resume a stopped run from its newest valid checkpoint, replaying exactly what an uninterrupted
+  run would have done (seeds depend only on run, phase, round and site; replies are aggregated
+  in site order).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedecho.client.local import build_model
+from fedecho.fl.config import FedRunConfig, parse_run_config, round_lr, round_seed
+from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys, state_hash
+from fedecho.fl.strategies import build_strategy, load_strategy_state, seed_sampling, strategy_state
+from fedecho.models import EchoVisionFM
+from fedecho.storage import Store
+from fedecho.train import evaluate, make_datasets, pretrain_loss
+from fedecho.train.run import init_encoder
+from fedecho.server.checkpoints import latest_valid, write_checkpoint
+
+log = logging.getLogger("fedecho.server")
+
+
+class RoundFailed(RuntimeError):
+    """Too few sites answered; the run stops and can be resumed."""
+
+
+@dataclass
+class ServerSettings:
+    """What the server decides, not the run file: where state lives, how long to wait, how many sites."""
+
+    state: Path
+    store_url: str
+    round_timeout: float = 600.0
+    min_sites: int = 2
+    eval_data: Path | None = None
+    eval_cache: Path | None = None
+    mode: str = "deployment"
+    poll_interval: float = 0.5
+
+
+@dataclass
+class SiteReply:
+    site: str
+    node_id: int
+    status: str  # ok | failed | rejected
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    bytes_down: int = 0
+    bytes_up: int = 0
+    update: dict[str, torch.Tensor] | None = None
+
+
+def _site_name(msg: Message, names: dict[int, str]) -> str:
+    node = msg.metadata.src_node_id
+    if msg.has_content() and "info" in msg.content:
+        name = str(msg.content["info"].get("site", ""))
+        if name:
+            names[node] = name
+    return names.get(node, f"node-{node}")
+
+
+class FederatedRun:
+    def __init__(
+        self,
+        cfg: FedRunConfig,
+        settings: ServerSettings,
+        resume: int = 0,
+        on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
+    ):
+        self.settings = settings
+        self.store = Store(settings.store_url)
+        self.checkpoints = settings.state / "checkpoints"
+        if resume:
+            row = self.store.get_run(resume)
+            self.cfg = parse_run_config(row.config_toml, f"run {resume} in the store")
+            self.run_id = resume
+            self.store.add_event(resume, "resume", "run resumed")
+        else:
+            self.cfg = cfg
+            self.run_id = self.store.create_run(cfg.run.name, cfg.text, mode=settings.mode)
+            for p in cfg.phases:
+                self.store.add_phase(self.run_id, p, cfg.phase(p).rounds)
+        self.store.set_run_status(self.run_id, "running")
+        self.min_sites = self.cfg.run.min_sites or settings.min_sites
+        self.timeout = self.cfg.run.round_timeout or settings.round_timeout
+        self.wire = self.cfg.run.wire_dtype
+        self.names: dict[int, str] = {}
+        self.holding_frozen: set[int] = set()
+        self.on_round = on_round
+        self.final: dict[str, Path] = {}
+
+    # ----------------------------------------------------------------- phases
+    def execute(self, grid: Grid) -> int:
+        try:
+            previous: EchoVisionFM | None = None
+            for phase in self.cfg.phases:
+                previous = self.run_phase(grid, phase, previous)
+                self.store.set_phase_status(self.run_id, phase, "finished")
+        except RoundFailed as e:
+            self.store.set_run_status(self.run_id, "stopped", str(e))
+            self.store.add_event(self.run_id, "stopped", str(e))
+            raise
+        except BaseException as e:
+            self.store.set_run_status(self.run_id, "failed", f"{type(e).__name__}: {e}")
+            raise
+        self.store.set_run_status(self.run_id, "finished")
+        return self.run_id
+
+    def initial_model(self, phase: str, previous: EchoVisionFM | None) -> EchoVisionFM:
+        torch.manual_seed(round_seed(self.cfg.run.seed, phase, 0))
+        model = build_model(self.cfg, phase)
+        if phase == "finetune":
+            if previous is not None:  # the pre-training phase's global encoder
+                encoder = {k: v for k, v in previous.state_dict().items() if k.startswith("encoder.")}
+                model.load_state_dict(encoder, strict=False)
+            elif self.cfg.phase("finetune").init:
+                init_encoder(model, self.cfg.phase("finetune").init)
+        return model
+
+    def run_phase(self, grid: Grid, phase: str, previous: EchoVisionFM | None) -> EchoVisionFM:
+        pcfg = self.cfg.phase(phase)
+        self.store.set_phase_status(self.run_id, phase, "running")
+        strategy = build_strategy(
+            self.cfg.strategy_name, self.cfg.strategy_params, fraction=self.cfg.run.fraction, min_sites=self.min_sites
+        )
+        model = self.initial_model(phase, previous)
+        start = 1
+        found = latest_valid(self.store, self.run_id, phase)
+        if found is not None:
+            ck, model, sstate = found
+            load_strategy_state(strategy, sstate)
+            start = ck.round + 1
+            log.info("%s: continuing after round %d from %s", phase, ck.round, ck.model)
+        self.holding_frozen.clear()
+        for server_round in range(start, pcfg.rounds + 1):
+            self.one_round(grid, phase, server_round, model, strategy)
+        return model
+
+    # ------------------------------------------------------------------ round
+    def one_round(self, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, strategy: Strategy) -> None:
+        pcfg = self.cfg.phase(phase)
+        t0 = time.time()
+        keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
+        state = model.state_dict()
+        master = {k: state[k].detach().float().clone() for k in keys}
+        fkeys = frozen_keys(model, phase, pcfg.freeze_encoder)
+        frozen = {k: state[k].detach().float() for k in fkeys}
+        frozen_digest = state_hash(frozen) if frozen else ""
+        config = ConfigRecord(
+            {
+                "run-toml": self.cfg.text,
+                "phase": phase,
+                "lr": round_lr(pcfg, server_round),
+                "seed": round_seed(self.cfg.run.seed, phase, server_round),
+                "wire-dtype": self.wire,
+                "frozen-sha256": frozen_digest,
+            }
+        )
+        seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "sampling"))
+        fp32 = ArrayRecord({k: Array(v.numpy()) for k, v in master.items()})
+        planned = list(strategy.configure_train(server_round, fp32, config, grid))
+        down = encode(master, self.wire) if self.wire != "float32" else fp32
+        with_frozen = encode({**master, **frozen}, self.wire) if frozen else down
+        messages = []
+        for m in planned:
+            node = m.metadata.dst_node_id
+            arrays = down if not frozen or node in self.holding_frozen else with_frozen
+            options = ConfigRecord(dict(m.content["config"]))
+            options["seed"] = round_seed(self.cfg.run.seed, phase, server_round)
+            messages.append(Message(RecordDict({"arrays": arrays, "config": options}), node, MessageType.TRAIN))
+        replies = self.exchange(grid, messages)
+        expected = {k: v.shape for k, v in master.items()}
+        results: list[SiteReply] = []
+        for msg, reply in replies:
+            results.append(self.check_train_reply(msg, reply, expected))
+            if frozen and results[-1].status == "ok":
+                self.holding_frozen.add(msg.metadata.dst_node_id)
+        accepted = sorted((r for r in results if r.status == "ok"), key=lambda r: r.site)
+        if len(accepted) < self.min_sites:
+            for r in results:
+                self._record_site(phase, server_round, "train", r)
+            raise RoundFailed(
+                f"{phase} round {server_round}: {len(accepted)} of {len(messages)} sites answered, "
+                f"{self.min_sites} needed"
+            )
+        # Each accepted update becomes the site's full weights (fp32 master + update) for the strategy.
+        contents = []
+        for r in accepted:
+            assert r.update is not None
+            weights = {k: (master[k] + r.update[k]).numpy() for k in keys}
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                    "metrics": MetricRecord({k: v for k, v in r.metrics.items()}),
+                }
+            )
+            contents.append(Message(content, r.node_id, MessageType.TRAIN))
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, contents)
+        if new_arrays is None:
+            raise RoundFailed(f"{phase} round {server_round}: the strategy returned no model")
+        new_state = {k: torch.from_numpy(np.array(new_arrays[k].numpy(), dtype=np.float32)) for k in keys}
+        model.load_state_dict(new_state, strict=False)
+        for r in results:
+            self._record_site(phase, server_round, "train", r)
+        evaluate_metrics: dict[str, float] = {}
+        every = pcfg.eval_every
+        if server_round == pcfg.rounds or (every and server_round % every == 0):
+            evaluate_metrics = self.federated_evaluate(grid, phase, server_round, model, strategy, config)
+        server_metrics = self.server_evaluate(phase, model)
+        write_checkpoint(
+            self.store, self.checkpoints, self.run_id, phase, server_round, model, strategy_state(strategy)
+        )
+        train = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)}
+        self.store.add_round(
+            self.run_id, phase, server_round, started=t0, finished=time.time(), sites_sampled=len(messages),
+            sites_replied=len(accepted), train=train, evaluate=evaluate_metrics, server=server_metrics,
+        )  # fmt: skip
+        summary = {"sites": f"{len(accepted)}/{len(messages)}", **train, **evaluate_metrics, **server_metrics}
+        log.info("%s round %d/%d: %s", phase, server_round, pcfg.rounds, summary)
+        if self.on_round:
+            self.on_round(phase, server_round, summary)
+
+    def check_train_reply(self, msg: Message, reply: Message | None, expected: dict[str, torch.Size]) -> SiteReply:
+        node = msg.metadata.dst_node_id
+        down = msg.content["arrays"].count_bytes()
+        if reply is None:
+            return SiteReply(self.names.get(node, f"node-{node}"), node, "failed", reason="no reply before the deadline",
+                             bytes_down=down)  # fmt: skip
+        site = _site_name(reply, self.names)
+        if reply.has_error():
+            return SiteReply(site, node, "failed", reason=str(reply.error.reason), bytes_down=down)
+        content = reply.content
+        up = content["arrays"].count_bytes() if "arrays" in content else 0
+        try:
+            if "arrays" not in content or "metrics" not in content:
+                raise UpdateError("the reply lacks its arrays or metrics")
+            metrics = {k: float(v) for k, v in content["metrics"].items() if isinstance(v, int | float)}
+            if metrics.get("num-examples", 0) <= 0:
+                raise UpdateError("the reply reports no training examples")
+            update = decode(content["arrays"], self.wire, expected, self.cfg.run.max_update_norm)
+        except (UpdateError, ValueError, TypeError) as e:
+            self.store.add_event(self.run_id, "update-rejected", str(e), site=site)
+            return SiteReply(site, node, "rejected", reason=str(e), bytes_down=down, bytes_up=up)
+        self.store.upsert_site(site, node_id=node)
+        return SiteReply(site, node, "ok", metrics, bytes_down=down, bytes_up=up, update=update)
+
+    def _record_site(self, phase: str, server_round: int, kind: str, r: SiteReply) -> None:
+        self.store.add_site_result(
+            self.run_id, phase, server_round, r.site, kind, status=r.status, metrics=r.metrics,
+            num_examples=int(r.metrics.get("num-examples", 0)), bytes_down=r.bytes_down, bytes_up=r.bytes_up,
+            reason=r.reason,
+        )  # fmt: skip
+
+    # -------------------------------------------------------------- messaging
+    def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[Message, Message | None]]:
+        """Send, then collect replies until all are in or the deadline passes (a site that died
+        mid-round costs at most the round timeout; Flower itself answers for sites it knows are gone)."""
+        if not messages:
+            return []
+        ids = list(grid.push_messages(messages))
+        by_id = dict(zip(ids, messages, strict=True))
+        got: dict[str, Message] = {}
+        deadline = time.time() + self.timeout
+        pending = set(ids)
+        while pending and time.time() < deadline:
+            for reply in grid.pull_messages(list(pending)):
+                rid = reply.metadata.reply_to_message_id
+                if rid in pending:
+                    got[rid] = reply
+                    pending.discard(rid)
+            if pending:
+                time.sleep(self.settings.poll_interval)
+        return [(by_id[i], got.get(i)) for i in ids]
+
+    def federated_evaluate(
+        self, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, strategy: Strategy, train_config: ConfigRecord
+    ) -> dict[str, float]:
+        """Each sampled site scores the new global model on its validation split; means weighted by videos."""
+        pcfg = self.cfg.phase(phase)
+        state = model.state_dict()
+        keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
+        master = {k: state[k].detach().float() for k in keys}
+        fkeys = frozen_keys(model, phase, pcfg.freeze_encoder)
+        frozen = {k: state[k].detach().float() for k in fkeys}
+        config = ConfigRecord(dict(train_config))
+        down = encode(master, self.wire)
+        with_frozen = encode({**master, **frozen}, self.wire) if frozen else down
+        seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "evaluate"))
+        fp32 = ArrayRecord({k: Array(v.numpy()) for k, v in master.items()})
+        planned = list(strategy.configure_evaluate(server_round, fp32, config, grid))
+        messages = []
+        for m in planned:
+            node = m.metadata.dst_node_id
+            arrays = down if not frozen or node in self.holding_frozen else with_frozen
+            messages.append(Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.EVALUATE))
+        totals: dict[str, float] = {}
+        weight = 0.0
+        for msg, reply in self.exchange(grid, messages):
+            node = msg.metadata.dst_node_id
+            down_bytes = msg.content["arrays"].count_bytes()
+            if reply is None or reply.has_error():
+                reason = "no reply before the deadline" if reply is None else str(reply.error.reason)
+                site = self.names.get(node, f"node-{node}") if reply is None else _site_name(reply, self.names)
+                self._record_site(phase, server_round, "evaluate", SiteReply(site, node, "failed", reason=reason,
+                                                                              bytes_down=down_bytes))  # fmt: skip
+                continue
+            site = _site_name(reply, self.names)
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items() if isinstance(v, int | float)}
+            self._record_site(phase, server_round, "evaluate", SiteReply(site, node, "ok", metrics, bytes_down=down_bytes))
+            n = metrics.get("num-examples", 0.0)
+            if frozen:
+                self.holding_frozen.add(node)
+            if n > 0:
+                weight += n
+                for k, v in metrics.items():
+                    if k != "num-examples" and np.isfinite(v):
+                        totals[k] = totals.get(k, 0.0) + n * v
+        return {k: v / weight for k, v in totals.items()} if weight else {}
+
+    # ------------------------------------------------------- server's own set
+    def server_evaluate(self, phase: str, model: EchoVisionFM) -> dict[str, float]:
+        """The global model on the server's own held-out set (its test split), when it has one."""
+        data = self.settings.eval_data
+        if data is None:
+            return {}
+        pcfg = self.cfg.phase(phase)
+        tasks = tuple(pcfg.tasks) if phase == "finetune" else ()
+        local = self.cfg.local
+        if self.settings.eval_cache is not None:
+            local.data.cache = str(self.settings.eval_cache)
+        sets = make_datasets(local, model, tasks, data, pcfg.seed)
+        if phase == "pretrain":
+            held = sets["val_clips"]
+            held.prepare(progress=False)
+            return {"server_loss": pretrain_loss(model, held, pcfg.batch_size, pcfg.seed)} if len(held) else {}
+        held = sets["test"]
+        held.prepare(progress=False)
+        if not len(held):
+            return {}
+        metrics = evaluate(model, held, list(tasks))
+        return {f"server_{k}": v for k, v in metrics.items() if k != "videos"}

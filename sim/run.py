@@ -1,0 +1,134 @@
+"""`fedecho sim`: the same ServerApp and ClientApp in Flower's simulation engine (Ray), N virtual sites.
+
+Where the sites' data comes from:
+- a folder of per-site datasets (what `fedecho synth --sites N` writes: site01/, site02/, ...): the
+  natural split, one virtual hospital per folder;
+- one dataset (an EchoNet-Dynamic, CAMUS or TMED-2 folder): partitioned into N virtual hospitals,
+  by patient where the source knows patients (`fedecho.train.run.partition_of`).
+Nothing is installed or downloaded, Ray's dashboard and usage stats are off, and Ray is shut down
+before `simulate` returns, so no background process outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+from fedecho.client.app import build_client_app
+from fedecho.client.local import Site
+from fedecho.data.source import detect_source
+from fedecho.fl.config import FedRunConfig
+from fedecho.server.app import build_server_app
+from fedecho.server.rounds import ServerSettings
+from fedecho.storage.store import store_url
+
+
+@dataclass
+class SimSites:
+    """Virtual hospitals: site k reads its own folder, or the k-th partition of one dataset."""
+
+    names: list[str]
+    folders: list[Path]
+    partitioned: bool
+    cache: Path
+    state: Path
+
+    def __call__(self, context: Context) -> Site:
+        k = int(context.node_config["partition-id"])
+        return Site(
+            name=self.names[k],
+            data=self.folders[k],
+            cache=self.cache,
+            state=self.state / "sites" / self.names[k],
+            partition=(k, len(self.names)) if self.partitioned else None,
+        )
+
+
+def site_layout(data: Path, sites: int | None) -> tuple[list[str], list[Path], bool]:
+    """Per-site folders when data holds several datasets, else one dataset split `sites` ways."""
+    data = Path(data)
+    if not data.is_dir():
+        raise ValueError(f"{data}: no such data folder")
+    if detect_source(data) is None:
+        folders = sorted(d for d in data.iterdir() if d.is_dir() and detect_source(d) is not None)
+        if not folders:
+            raise ValueError(f"{data}: neither a dataset nor a folder of per-site datasets")
+        if sites is not None and sites != len(folders):
+            if sites > len(folders):
+                raise ValueError(f"{data} holds {len(folders)} site datasets; --sites {sites} is more")
+            folders = folders[:sites]
+        return [d.name for d in folders], folders, False
+    n = sites or 3
+    return [f"site{k + 1:02d}" for k in range(n)], [data] * n, True
+
+
+def simulate(
+    cfg: FedRunConfig,
+    data: Path,
+    state: Path,
+    sites: int | None = None,
+    store: str | None = None,
+    resume: int = 0,
+    eval_data: Path | None = None,
+    round_timeout: float = 3600.0,
+    cpus_per_site: float = 1.0,
+    on_round: Any = None,
+) -> int:
+    """Run a federated simulation to the end; returns the fedecho run id (in the store)."""
+    from flwr.simulation import run_simulation
+
+    state = Path(state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    names, folders, partitioned = site_layout(data, sites)
+    site_resolver = SimSites(names, [f.resolve() for f in folders], partitioned, state / "cache", state)
+    settings = ServerSettings(
+        state=state,
+        store_url=store_url(state, store),
+        round_timeout=round_timeout,
+        min_sites=len(names) if cfg.run.fraction >= 1 else 1,
+        eval_data=eval_data,
+        eval_cache=state / "cache",
+        mode="simulation",
+        poll_interval=0.1,
+    )
+    outcome: dict[str, Any] = {}
+
+    def resolve(context: Context) -> tuple[str, ServerSettings, int]:
+        return cfg.text, settings, resume
+
+    def record(phase: str, server_round: int, summary: dict[str, Any]) -> None:
+        outcome.setdefault("rounds", []).append((phase, server_round, summary))
+        if on_round is not None:
+            on_round(phase, server_round, summary)
+
+    server_app = build_server_app(resolve, on_round=record, outcome=outcome)
+    client_app = build_client_app(site_resolver)
+    os.environ["FEDECHO_THREADS"] = str(max(1, int(cpus_per_site)))
+    cores = os.cpu_count() or 1
+    backend: dict[str, Any] = {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+    }
+    try:
+        run_simulation(server_app, client_app, num_supernodes=len(names), backend_config=backend)
+    finally:
+        _shutdown_ray()
+    if "error" in outcome:
+        raise outcome["error"]
+    if "run_id" not in outcome:
+        raise RuntimeError("the simulation ended before the ServerApp started a run (see the log above)")
+    return int(outcome["run_id"])
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
