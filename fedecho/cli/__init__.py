@@ -8,6 +8,8 @@ import fedecho
 from fedecho.cli import data as data_cli
 from fedecho.cli import model as model_cli
 from fedecho.cli import predict as predict_cli
+from fedecho.cli import report as report_cli
+from fedecho.cli import runs as runs_cli
 from fedecho.cli import synth as synth_cli
 from fedecho.cli import train as train_cli
 
@@ -23,6 +25,8 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(train_cli.app, name="train")
 app.command("predict")(predict_cli.predict)
+app.add_typer(runs_cli.app, name="runs")
+app.command("report")(report_cli.report)
 
 
 def _version(value: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Double,
     ForeignKey,
     Integer,
@@ -170,6 +171,19 @@ class JSONText(TypeDecorator[dict[str, Any]]):
         return json.loads(value) if value else {}
 
 
+class UInt64(TypeDecorator[int]):
+    """Flower's run and node ids are unsigned 64-bit; SQL integers are signed: store the same bits."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Any) -> int | None:
+        return None if value is None else (value - (1 << 64) if value >= (1 << 63) else value)
+
+    def process_result_value(self, value: int | None, dialect: Any) -> int | None:
+        return None if value is None else (value + (1 << 64) if value < 0 else value)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -182,7 +196,7 @@ class _Run(Base):
     status: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
     config_toml: Mapped[str] = mapped_column(Text)
-    flower_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    flower_run_id: Mapped[int | None] = mapped_column(UInt64, nullable=True)
     created: Mapped[float] = mapped_column(Double)
     updated: Mapped[float] = mapped_column(Double)
 
@@ -247,7 +261,7 @@ class _Site(Base):
     __tablename__ = "sites"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     public_key_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    node_id: Mapped[int | None] = mapped_column(UInt64, nullable=True)
     first_seen: Mapped[float] = mapped_column(Double)
     last_seen: Mapped[float] = mapped_column(Double)
 
@@ -307,10 +321,11 @@ class Store:
         """Open the store at url and create missing tables; create=False raises StoreMissing instead."""
         self.url = url
         parsed = make_url(url)
+        self.shown_url = parsed.render_as_string(hide_password=True)  # for messages: never print a password
         self._sqlite = parsed.get_backend_name() == "sqlite"
         file = parsed.database if self._sqlite and parsed.database not in (None, "", ":memory:") else None
         if not create and file and not Path(file).exists():
-            raise StoreMissing(f"no fedecho store at {url} (no file {parsed.database})")
+            raise StoreMissing(f"no fedecho store at {self.shown_url} (no file {file})")
         self._engine = _sqlite_engine(url) if self._sqlite else create_engine(url, pool_pre_ping=True)
         self._write_engine = self._engine.execution_options(fedecho_write=True)
         missing = set(Base.metadata.tables) - set(inspect(self._engine).get_table_names())
@@ -318,7 +333,7 @@ class Store:
             Base.metadata.create_all(self._write_engine)  # under the write lock: two processes may open at once
         elif _Run.__tablename__ in missing:
             self._engine.dispose()
-            raise StoreMissing(f"no fedecho store at {url} (no runs table)")
+            raise StoreMissing(f"no fedecho store at {self.shown_url} (no runs table)")
 
     def close(self) -> None:
         """Release connections (and SQLite file handles)."""
@@ -331,7 +346,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r})"
+        return f"Store({self.shown_url!r})"
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
@@ -347,7 +362,7 @@ class Store:
     def _run(self, s: Session, run_id: int) -> _Run:
         run = s.get(_Run, run_id)
         if run is None:
-            raise KeyError(f"no run {run_id} in {self.url}")
+            raise KeyError(f"no run {run_id} in {self.shown_url}")
         return run
 
     # ------------------------------------------------------------ runs
@@ -404,7 +419,7 @@ class Store:
             self._run(s, run_id)
             phase = s.scalar(select(_Phase).where(_Phase.run_id == run_id, _Phase.name == name))
             if phase is None:
-                raise KeyError(f"no phase {name!r} in run {run_id} in {self.url}")
+                raise KeyError(f"no phase {name!r} in run {run_id} in {self.shown_url}")
             phase.status = status
             self._run(s, run_id).updated = _now()
 
