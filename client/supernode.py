@@ -1,0 +1,102 @@
+"""Run a hospital's Flower SuperNode: argv and environment from site.toml, start, connection check, stop.
+
+The SuperNode dials the SuperLink over TLS (trusting only the federation CA), signs its requests with the
+site's private key (the coordinator registered the public one), and starts one ClientApp process per
+message (`--isolation subprocess`) on its own local Runtime API port. The ClientApp learns where the site's
+settings are from the node config key `site-config` (absolute path of site.toml), written to a small
+TOML file so that any path survives quoting.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import tomli_w
+
+from fedecho._proc import flower_bin, flower_env, spawn, tail, wait_for
+from fedecho.client.config import SiteConfig
+from fedecho.storage.files import atomic_write_bytes
+
+# flower-supernode exit code when the SuperLink refuses to activate the node (e.g. its key is not registered).
+EXIT_ACTIVATION_REFUSED = 305
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+class SuperNodeError(RuntimeError):
+    """The SuperNode could not start or was refused by the SuperLink."""
+
+
+def node_config_file(site: SiteConfig) -> Path:
+    """Write <state>/node-config.toml: `site-config` (absolute site.toml path) and `site-name`."""
+    path = site.state / "node-config.toml"
+    data = {"site-config": str(site.path), "site-name": site.name}
+    atomic_write_bytes(path, tomli_w.dumps(data).encode())
+    return path
+
+
+def check_site_files(site: SiteConfig) -> None:
+    """Fail early, naming the file and the field, when the CA or the key is missing."""
+    if site.ca is None:
+        raise SuperNodeError(f"{site.path}: [superlink].ca is required (the federation's ca.pem)")
+    if site.private_key is None:
+        raise SuperNodeError(f"{site.path}: [superlink].private_key is required (from `fedecho certs site`)")
+    for key, f in (("ca", site.ca), ("private_key", site.private_key)):
+        if not f.is_file():
+            raise SuperNodeError(f"{site.path}: [superlink].{key} = {f} does not exist")
+    if site.private_key.stat().st_mode & 0o077:
+        raise SuperNodeError(f"{site.private_key}: private key readable by others; run `chmod 600 {site.private_key}`")
+
+
+def supernode_argv(site: SiteConfig, insecure: bool = False) -> list[str]:
+    """The flower-supernode command line for this site (TLS + node authentication unless insecure)."""
+    argv = [
+        flower_bin("flower-supernode"),
+        "--superlink", site.superlink,
+        "--node-config", str(node_config_file(site)),
+        "--isolation", "subprocess",
+        "--host", site.supernode_host,
+        "--port", str(site.supernode_port),
+    ]  # fmt: skip
+    if insecure:
+        return [*argv, "--insecure"]
+    assert site.ca is not None and site.private_key is not None
+    return [*argv, "--root-certificates", str(site.ca), "--auth-supernode-private-key", str(site.private_key)]
+
+
+def supernode_env(site: SiteConfig) -> dict[str, str]:
+    """FLWR_HOME in the site's state folder (app bundles install there), telemetry off, threads pinned."""
+    return flower_env(site.flwr_home, {"FEDECHO_THREADS": str(site.threads), "OMP_NUM_THREADS": str(site.threads)})
+
+
+def start_supernode(site: SiteConfig, insecure: bool = False, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start flower-supernode in its own session; output to <state>/logs/supernode.log (or `log`)."""
+    if not insecure:
+        check_site_files(site)
+    site.state.mkdir(parents=True, exist_ok=True)
+    site.flwr_home.mkdir(parents=True, exist_ok=True)
+    argv = supernode_argv(site, insecure)
+    return spawn(argv, supernode_env(site), log or site.logs / "supernode.log", cwd=site.state)
+
+
+def node_id_in_log(log: Path) -> int | None:
+    """The node id the SuperLink gave this SuperNode, once it has connected (from its log)."""
+    match = _NODE_ID.search(tail(log, 400))
+    return int(match.group(1)) if match else None
+
+
+def wait_connected(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> int:
+    """Block until the SuperNode is connected (returns its node id); raise if it exits or times out."""
+    wait_for(lambda: proc.poll() is not None or node_id_in_log(log) is not None, timeout, interval=0.3)
+    node_id = node_id_in_log(log)
+    if node_id is not None:
+        return node_id
+    if proc.poll() is not None:
+        if proc.returncode == EXIT_ACTIVATION_REFUSED:
+            raise SuperNodeError(
+                "the SuperLink refused this SuperNode (exit code 305): is this site's public key registered "
+                f"at the coordinator (`fedecho server start` registers every *.pub in its keys folder)?\n{tail(log)}"
+            )
+        raise SuperNodeError(f"flower-supernode exited with code {proc.returncode}:\n{tail(log)}")
+    raise SuperNodeError(f"flower-supernode did not connect within {timeout:.0f} s (log: {log}):\n{tail(log)}")

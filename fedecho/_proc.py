@@ -1,0 +1,127 @@
+"""The Flower processes fedecho supervises: their environment, start in their own session, clean stop.
+
+Every Flower process gets FLWR_HOME inside a fedecho state folder (so connection configs, installed app
+bundles and credentials never land in ~/.flwr) and telemetry and update checks forced off. Each runs in
+its own session, so a Ctrl-C in the operator's terminal reaches fedecho only, which then stops the
+children in order (SIGINT, then SIGTERM, then SIGKILL for the whole group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedecho._env import NO_TELEMETRY
+
+FLOWER_ENV_OFF = {k: v for k, v in NO_TELEMETRY.items() if k.startswith("FLWR_")}
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ plus FLWR_HOME, telemetry off (forced, not defaulted) and this venv's bin first on PATH.
+
+    The SuperLink and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name,
+    so the bin folder of the interpreter running fedecho must come first.
+    """
+    env = dict(os.environ)
+    env.update(FLOWER_ENV_OFF)
+    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)])
+    env.update(extra or {})
+    return env
+
+
+def flower_bin(name: str) -> str:
+    """The Flower console script beside this interpreter (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def spawn(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start argv in a new session (its own process group), stdout and stderr appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            list(argv), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
+    """Stop a spawned Flower process: SIGINT (it shuts down its own children), then SIGTERM, then SIGKILL.
+
+    Returns its exit code. The group is signalled too, so a ClientApp or ServerApp still running in the
+    group does not outlive its parent.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+    _signal_group(proc, signal.SIGTERM)  # leftovers of the group, if any
+    return proc.returncode
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8 / ::1: the only hosts --insecure is allowed on."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file (empty if missing): to show why a process died."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LogFollower:
+    """Read a growing log file incrementally (the CLI echoes a child's log while it supervises it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def read_new(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1  # only whole lines
+        self.offset += end
+        return data[:end].decode(errors="replace").splitlines()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
+    """Poll predicate() until it is truthy or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,289 @@
+"""`fedecho server start|run|resume|status`: the coordinator's SuperLink, run submission, federation status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from fedecho._proc import LogFollower, stop
+from fedecho._toml import ConfigFileError
+from fedecho.server.config import ServerConfig, load_server_config
+from fedecho.server.submit import submit_run
+from fedecho.server.superlink import (
+    SuperLinkError,
+    health,
+    list_nodes,
+    list_runs,
+    pid_file,
+    read_registry,
+    register_sites,
+    start_superlink,
+    wait_ready,
+)
+
+app = typer.Typer(help="Coordinator: run the SuperLink, submit runs, show the federation.", no_args_is_help=True)
+SERVER = typer.Option(Path("configs/server.toml"), "--server", "-s", help="Server config (TOML).")
+console = Console()
+
+
+def _fail(e: Exception | str, code: int = 2) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}")
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> ServerConfig:
+    try:
+        return load_server_config(path)
+    except ConfigFileError as e:
+        raise _fail(e) from e
+
+
+def insecure_warning(what: str) -> None:
+    """The loud warning --insecure deserves: no encryption, no authentication, loopback only."""
+    Console(stderr=True).print(
+        Panel(
+            f"[bold]--insecure: {what} runs WITHOUT TLS and WITHOUT SuperNode authentication.[/]\n"
+            "Model updates travel in clear text and any process that can reach the port can join the federation.\n"
+            "Allowed on loopback addresses only, for development. Never use it with patient data.",
+            title="[blink]INSECURE[/]",
+            style="bold red",
+            border_style="red",
+        )
+    )
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _read_pid(cfg: ServerConfig) -> dict[str, object]:
+    try:
+        data = json.loads(pid_file(cfg).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _insecure(cfg: ServerConfig) -> bool:
+    return bool(_read_pid(cfg).get("insecure", False))
+
+
+@app.command("start")
+def start(
+    config: Path = typer.Option(Path("configs/server.toml"), "--config", "-c", help="Server config (TOML)."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="No TLS, no node authentication: loopback development only."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not echo the SuperLink's log (it is still written)."),
+    ready_timeout: float = typer.Option(60.0, "--ready-timeout", help="Seconds to wait for the SuperLink to come up."),
+) -> None:
+    """Start the SuperLink (TLS, SuperNode authentication, persistent state) and register the sites' keys.
+
+    Runs in the foreground until Ctrl-C, which stops the SuperLink cleanly.
+
+    Example: fedecho server start --config configs/server.toml
+    """
+    cfg = _load(config)
+    if insecure:
+        if not cfg.loopback_only:
+            raise _fail(
+                f"--insecure is refused: {cfg.path} listens on {cfg.listen_host} / advertises {cfg.address}; "
+                "both must be loopback (127.0.0.1, ::1, localhost)"
+            )
+        insecure_warning("the SuperLink")
+    old = _read_pid(cfg)
+    if _alive(old.get("pid")):
+        raise _fail(f"a SuperLink for {cfg.state} is already running (pid {old['pid']})")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    log = cfg.logs / "superlink.log"
+    follower = LogFollower(log)
+    if log.exists():
+        follower.offset = log.stat().st_size
+    try:
+        proc = start_superlink(cfg, insecure, log)
+    except (SuperLinkError, OSError) as e:
+        raise _fail(e) from e
+    pid_file(cfg).write_text(json.dumps({"pid": proc.pid, "insecure": insecure, "control": cfg.control}) + "\n")
+
+    def echo() -> None:
+        for line in follower.read_new():
+            if not quiet:
+                console.print(f"[dim]superlink |[/] {escape(line)}", highlight=False)
+
+    code = 0
+    try:
+        console.print(f"starting SuperLink on {cfg.listen_host}:{cfg.listen_port} (state {cfg.state}, log {log})")
+        wait_ready(cfg, proc, insecure, ready_timeout, log)
+        echo()
+        if insecure:
+            console.print("[yellow]node authentication is off: site keys are not registered[/]")
+        else:
+            _print_registrations(cfg)
+        console.print(f"[green]SuperLink ready[/] at {cfg.address} (control {cfg.control}). Ctrl-C to stop.")
+        while proc.poll() is None:
+            echo()
+            time.sleep(0.5)
+        echo()
+        console.print(f"[red]SuperLink exited with code {proc.returncode}[/] (log: {log})")
+        code = proc.returncode or 1
+    except KeyboardInterrupt:
+        console.print("stopping the SuperLink ...")
+    except SuperLinkError as e:
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}")
+        code = 1
+    finally:
+        rc = stop(proc)
+        echo()
+        pid_file(cfg).unlink(missing_ok=True)
+    if code:
+        raise typer.Exit(code)
+    console.print(f"SuperLink stopped (exit code {rc}); state kept in {cfg.state}")
+
+
+def _print_registrations(cfg: ServerConfig) -> None:
+    regs = register_sites(cfg)
+    table = Table(title=f"sites (public keys in {cfg.keys})")
+    table.add_column("site")
+    table.add_column("node id")
+    table.add_column("registration")
+    for r in regs:
+        style = "green" if r.status in ("registered", "already registered") else "red"
+        table.add_row(r.name, r.node_id or "?", f"[{style}]{escape(r.status)}[/]")
+    if not regs:
+        console.print(f"[yellow]no site public keys (*.pub) in {cfg.keys}: no SuperNode can join[/]")
+    else:
+        console.print(table)
+
+
+def _require_up(cfg: ServerConfig) -> None:
+    if not health(cfg, _insecure(cfg)):
+        raise _fail(f"no SuperLink answers at {cfg.control}: start it with `fedecho server start --config {cfg.path}`")
+
+
+def _submit(cfg: ServerConfig, run_toml: Path | None, resume: int, detach: bool) -> None:
+    _require_up(cfg)
+    try:
+        sub = submit_run(
+            cfg, run_toml, resume, stream=not detach, echo=lambda line: console.print(escape(line), highlight=False)
+        )
+    except (ConfigFileError, SuperLinkError, OSError, ValueError) as e:
+        raise _fail(e) from e
+    except KeyboardInterrupt:
+        console.print("stopped streaming; the run continues on the SuperLink (`flwr stop` ends it)")
+        raise typer.Exit(130) from None
+    if not sub.flower_run_id:
+        raise _fail(f"the SuperLink did not accept the run (bundle in {sub.app_dir})", sub.returncode or 1)
+    if detach:
+        console.print(f"submitted Flower run {sub.flower_run_id} (bundle {sub.app_dir})")
+        return
+    style = "green" if sub.returncode == 0 else "red"
+    console.print(
+        f"[{style}]Flower run {sub.flower_run_id}: {sub.status or 'unknown status'}[/] (bundle {sub.app_dir})"
+    )
+    if sub.returncode:
+        raise typer.Exit(sub.returncode)
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="Federated run file (TOML)."),
+    server: Path = SERVER,
+    detach: bool = typer.Option(False, "--detach", help="Submit and return; do not stream the run's log."),
+) -> None:
+    """Submit a federated run to the SuperLink and stream its progress until it ends.
+
+    Example: fedecho server run --config configs/fed_phantom.toml --server configs/server.toml
+    """
+    _submit(_load(server), config, 0, detach)
+
+
+@app.command("resume")
+def resume(
+    run_id: int = typer.Argument(..., min=1, help="fedecho run id to resume (see `fedecho runs`)."),
+    server: Path = SERVER,
+    config: Path | None = typer.Option(
+        None, "--config", "-c", exists=True, dir_okay=False, help="Run file (default: the one the store holds)."
+    ),
+    detach: bool = typer.Option(False, "--detach", help="Submit and return; do not stream the run's log."),
+) -> None:
+    """Resume an interrupted fedecho run from its last completed round.
+
+    Example: fedecho server resume 3 --server configs/server.toml
+    """
+    _submit(_load(server), config, run_id, detach)
+
+
+@app.command("status")
+def status(server: Path = SERVER) -> None:
+    """Show the SuperLink, the sites (registered / online / offline) and the runs.
+
+    Example: fedecho server status --server configs/server.toml
+    """
+    cfg = _load(server)
+    info = _read_pid(cfg)
+    insecure = bool(info.get("insecure", False))
+    up = health(cfg, insecure)
+    pid = info.get("pid")
+    state = "[green]up[/]" if up else "[red]down[/]"
+    console.print(
+        f"SuperLink {state} at {cfg.address} (control {cfg.control}, pid {pid if _alive(pid) else '-'}, "
+        f"{'[red]INSECURE[/]' if insecure else 'TLS + node auth'}), state {cfg.state}"
+    )
+    if not up:
+        raise typer.Exit(1)
+    try:
+        nodes = {str(n.get("node-id")): n for n in list_nodes(cfg)}
+        runs = list_runs(cfg)
+    except SuperLinkError as e:
+        raise _fail(e, 1) from e
+    sites = Table(title="sites")
+    for col in ("site", "node id", "status", "online since", "offline since"):
+        sites.add_column(col)
+    named = set()
+    for name, entry in sorted(read_registry(cfg).items()):
+        node = nodes.get(entry.get("node_id", ""), {})
+        named.add(entry.get("node_id", ""))
+        sites.add_row(name, entry.get("node_id", "") or "?", *_node_cols(node))
+    for node_id, node in nodes.items():
+        if node_id not in named:
+            sites.add_row("(unnamed)", node_id, *_node_cols(node))
+    console.print(sites)
+    table = Table(title="runs (Flower)")
+    for col in ("run id", "status", "elapsed", "started", "finished"):
+        table.add_column(col)
+    for r in runs:
+        st = str(r.get("status", ""))
+        style = "green" if st == "finished:completed" else "red" if "failed" in st or "stopped" in st else "yellow"
+        table.add_row(
+            str(r.get("run-id", "")), f"[{style}]{st}[/]", f"{float(r.get('elapsed', 0.0)):.0f} s",
+            str(r.get("running-at", "")), str(r.get("finished-at", "")),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _node_cols(node: dict[str, object]) -> tuple[str, str, str]:
+    st = str(node.get("status", "not seen"))
+    style = {"online": "green", "offline": "red", "registered": "yellow"}.get(st, "dim")
+    return f"[{style}]{st}[/]", str(node.get("online-at", "")), str(node.get("offline-at", ""))
