@@ -5,9 +5,12 @@ from __future__ import annotations
 import typer
 
 import fedecho
+from fedecho.cli import certs as certs_cli
+from fedecho.cli import client as client_cli
 from fedecho.cli import data as data_cli
 from fedecho.cli import model as model_cli
 from fedecho.cli import predict as predict_cli
+from fedecho.cli import server as server_cli
 from fedecho.cli import report as report_cli
 from fedecho.cli import runs as runs_cli
 from fedecho.cli import synth as synth_cli
@@ -25,6 +28,9 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(train_cli.app, name="train")
 app.command("predict")(predict_cli.predict)
+app.add_typer(certs_cli.app, name="certs")
+app.add_typer(server_cli.app, name="server")
+app.add_typer(client_cli.app, name="client")
 app.add_typer(runs_cli.app, name="runs")
 app.command("report")(report_cli.report)
 
