@@ -18,8 +18,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
 from fedecho._env import set_torch_threads
+from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.exchange import UpdateError, decode, encode
 
@@ -81,14 +81,18 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             if train:
                 update, metrics = site_train(cfg, phase, received, site, options)
                 content = RecordDict(
-                    {"arrays": encode(update, str(options["wire-dtype"])), "metrics": MetricRecord(metrics), "info": info}
+                    {
+                        "arrays": encode(update, str(options["wire-dtype"])),
+                        "metrics": MetricRecord(metrics),
+                        "info": info,
+                    }
                 )
             else:
                 metrics = site_evaluate(cfg, phase, received, site, options)
                 content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
         except MissingFrozen as e:
             return _error(msg, ERROR_MISSING_FROZEN, str(e))
-        except Exception as e:  # noqa: BLE001 - the server must hear why, and the SuperNode must live on
+        except Exception as e:
             log.exception("site %s: %s failed", site.name, "training" if train else "evaluation")
             return _error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__}: {e}")
         return Message(content, reply_to=msg)

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedRunConfig
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
 from fedecho.models import EchoVisionFM, create_model
 from fedecho.models.checkpoint import load_state
 from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
-from fedecho.data import EchoVideoDataset
 
 
 @dataclass

@@ -18,8 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedecho._env import set_torch_threads
 from fedecho.fl.config import parse_run_config
-from fedecho.storage.store import store_url
 from fedecho.server.rounds import FederatedRun, ServerSettings
+from fedecho.storage.store import store_url
 
 log = logging.getLogger("fedecho.server")
 

@@ -7,6 +7,7 @@ recorded is used; a mismatch is reported as an event and the previous round's ch
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,8 @@ class RoundCheckpoint:
 
 
 def checkpoint_paths(folder: Path, run_id: int, phase: str, server_round: int) -> RoundCheckpoint:
-    base = folder / f"run-{run_id:04d}" / f"{phase}-round-{server_round:04d}"
-    return RoundCheckpoint(phase, server_round, base.with_suffix(MODEL_SUFFIX), Path(str(base) + STRATEGY_SUFFIX))
+    model = folder / f"run-{run_id:04d}" / f"{phase}-round-{server_round:04d}{MODEL_SUFFIX}"
+    return RoundCheckpoint(phase, server_round, model, strategy_path(model))
 
 
 def write_checkpoint(
@@ -51,38 +52,35 @@ def write_checkpoint(
     save_checkpoint(model, ck.model, {"run": run_id, "phase": phase, "round": server_round})
     with atomic_path(ck.strategy) as tmp:
         save_numpy(strategy_state, str(tmp))
-    store.add_checkpoint(run_id, phase, server_round, str(ck.strategy), file_sha256(ck.strategy))
-    store.add_checkpoint(run_id, phase, server_round, str(ck.model), file_sha256(ck.model))
+    store.add_checkpoint(run_id, phase, server_round, str(ck.model), pair_sha256(ck))
     return ck
 
 
-def latest_valid(store: Store, run_id: int, phase: str) -> tuple[RoundCheckpoint, EchoVisionFM, dict[str, np.ndarray]] | None:
-    """The newest checkpoint of a phase whose model and strategy files match their recorded hashes."""
-    rows = [r for r in store.checkpoints(run_id) if r.phase == phase]
-    by_round: dict[int, dict[str, str]] = {}
-    for r in rows:
-        kind = "strategy" if r.path.endswith(STRATEGY_SUFFIX) else "model"
-        by_round.setdefault(r.round, {}).setdefault(kind, r.path)
-        by_round[r.round].setdefault(kind + "_sha", r.sha256)
-    for server_round in sorted(by_round, reverse=True):
-        entry = by_round[server_round]
-        problem = ""
-        for kind in ("model", "strategy"):
-            path = entry.get(kind)
-            if path is None:
-                problem = f"no {kind} file recorded"
-            elif not Path(path).is_file():
-                problem = f"{path} is missing"
-            elif file_sha256(Path(path)) != entry[kind + "_sha"]:
-                problem = f"{path} does not match its recorded sha256"
-            if problem:
-                break
-        if problem:
-            store.add_event(run_id, "checkpoint-invalid", f"{phase} round {server_round}: {problem}; using the one before")
+def strategy_path(model: Path) -> Path:
+    return Path(str(model)[: -len(MODEL_SUFFIX)] + STRATEGY_SUFFIX)
+
+
+def pair_sha256(ck: RoundCheckpoint) -> str:
+    """One hash for the checkpoint: over the model file's and the strategy file's sha256."""
+    return hashlib.sha256((file_sha256(ck.model) + file_sha256(ck.strategy)).encode()).hexdigest()
+
+
+def latest_valid(
+    store: Store, run_id: int, phase: str
+) -> tuple[RoundCheckpoint, EchoVisionFM, dict[str, np.ndarray]] | None:
+    """The newest checkpoint of a phase whose files match their recorded hash."""
+    for row in store.checkpoints(run_id):  # newest first
+        if row.phase != phase:
             continue
-        model = load_checkpoint(entry["model"])
-        state = load_numpy(entry["strategy"])
-        return RoundCheckpoint(phase, server_round, Path(entry["model"]), Path(entry["strategy"])), model, state
+        ck = RoundCheckpoint(phase, row.round, Path(row.path), strategy_path(Path(row.path)))
+        missing = [str(p) for p in (ck.model, ck.strategy) if not p.is_file()]
+        if missing:
+            problem = f"{', '.join(missing)} missing"
+        elif pair_sha256(ck) != row.sha256:
+            problem = f"{ck.model} or its strategy state does not match the recorded sha256"
+        else:
+            return ck, load_checkpoint(ck.model), load_numpy(str(ck.strategy))
+        store.add_event(run_id, "checkpoint-invalid", f"{phase} round {row.round}: {problem}; using the one before")
     return None
 
 

@@ -31,13 +31,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedecho.client.local import build_model
 from fedecho.fl.config import FedRunConfig, parse_run_config, round_lr, round_seed
-from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys, state_hash
+from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys, state_hash, wire_round
 from fedecho.fl.strategies import build_strategy, load_strategy_state, seed_sampling, strategy_state
 from fedecho.models import EchoVisionFM
+from fedecho.server.checkpoints import latest_valid, write_checkpoint
 from fedecho.storage import Store
 from fedecho.train import evaluate, make_datasets, pretrain_loss
 from fedecho.train.run import init_encoder
-from fedecho.server.checkpoints import latest_valid, write_checkpoint
 
 log = logging.getLogger("fedecho.server")
 
@@ -167,7 +167,7 @@ class FederatedRun:
         master = {k: state[k].detach().float().clone() for k in keys}
         fkeys = frozen_keys(model, phase, pcfg.freeze_encoder)
         frozen = {k: state[k].detach().float() for k in fkeys}
-        frozen_digest = state_hash(frozen) if frozen else ""
+        frozen_digest = state_hash(wire_round(frozen, self.wire)) if frozen else ""
         config = ConfigRecord(
             {
                 "run-toml": self.cfg.text,
@@ -246,8 +246,8 @@ class FederatedRun:
         node = msg.metadata.dst_node_id
         down = msg.content["arrays"].count_bytes()
         if reply is None:
-            return SiteReply(self.names.get(node, f"node-{node}"), node, "failed", reason="no reply before the deadline",
-                             bytes_down=down)  # fmt: skip
+            name = self.names.get(node, f"node-{node}")
+            return SiteReply(name, node, "failed", reason="no reply before the deadline", bytes_down=down)
         site = _site_name(reply, self.names)
         if reply.has_error():
             return SiteReply(site, node, "failed", reason=str(reply.error.reason), bytes_down=down)
@@ -295,7 +295,13 @@ class FederatedRun:
         return [(by_id[i], got.get(i)) for i in ids]
 
     def federated_evaluate(
-        self, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, strategy: Strategy, train_config: ConfigRecord
+        self,
+        grid: Grid,
+        phase: str,
+        server_round: int,
+        model: EchoVisionFM,
+        strategy: Strategy,
+        train_config: ConfigRecord,
     ) -> dict[str, float]:
         """Each sampled site scores the new global model on its validation split; means weighted by videos."""
         pcfg = self.cfg.phase(phase)
@@ -328,7 +334,9 @@ class FederatedRun:
                 continue
             site = _site_name(reply, self.names)
             metrics = {k: float(v) for k, v in reply.content["metrics"].items() if isinstance(v, int | float)}
-            self._record_site(phase, server_round, "evaluate", SiteReply(site, node, "ok", metrics, bytes_down=down_bytes))
+            self._record_site(
+                phase, server_round, "evaluate", SiteReply(site, node, "ok", metrics, bytes_down=down_bytes)
+            )
             n = metrics.get("num-examples", 0.0)
             if frozen:
                 self.holding_frozen.add(node)

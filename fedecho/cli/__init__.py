@@ -10,9 +10,10 @@ from fedecho.cli import client as client_cli
 from fedecho.cli import data as data_cli
 from fedecho.cli import model as model_cli
 from fedecho.cli import predict as predict_cli
-from fedecho.cli import server as server_cli
 from fedecho.cli import report as report_cli
 from fedecho.cli import runs as runs_cli
+from fedecho.cli import server as server_cli
+from fedecho.cli import sim as sim_cli
 from fedecho.cli import synth as synth_cli
 from fedecho.cli import train as train_cli
 
@@ -28,6 +29,7 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(train_cli.app, name="train")
 app.command("predict")(predict_cli.predict)
+app.command("sim")(sim_cli.sim)
 app.add_typer(certs_cli.app, name="certs")
 app.add_typer(server_cli.app, name="server")
 app.add_typer(client_cli.app, name="client")

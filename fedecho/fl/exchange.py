@@ -59,6 +59,12 @@ def encode(state: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
     return record
 
 
+def wire_round(state: dict[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+    """What a site holds after the trip: the tensors rounded to the wire precision, back in fp32."""
+    dtype = WIRE_TORCH[wire_dtype]
+    return {k: v.detach().to(dtype).float() for k, v in state.items()}
+
+
 def decode_array(array: Array, wire_dtype: str, name: str) -> torch.Tensor:
     if array.dtype != WIRE_NUMPY[wire_dtype]:
         raise UpdateError(f"tensor {name}: dtype {array.dtype}, expected {wire_dtype} on the wire")
@@ -85,7 +91,7 @@ def decode(
             )
             raise UpdateError("tensor names differ from the model's: " + "; ".join(parts))
     out: dict[str, torch.Tensor] = {}
-    for k in record.keys():
+    for k in list(record.keys()):  # an ArrayRecord, not a dict
         t = decode_array(record[k], wire_dtype, k)
         if expected is not None and t.shape != expected[k]:
             raise UpdateError(f"tensor {k}: shape {tuple(t.shape)}, expected {tuple(expected[k])}")
