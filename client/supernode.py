@@ -19,9 +19,11 @@ from fedecho._proc import flower_bin, flower_env, spawn, tail, wait_for
 from fedecho.client.config import SiteConfig
 from fedecho.storage.files import atomic_write_bytes
 
-# flower-supernode exit code when the SuperLink refuses to activate the node (e.g. its key is not registered).
+# Flower's exit code (logged; the process itself exits 1) when the SuperLink refuses to activate the node,
+# e.g. because its public key is not registered.
 EXIT_ACTIVATION_REFUSED = 305
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_REFUSED = re.compile(rf"Exit Code: {EXIT_ACTIVATION_REFUSED}\b|Failed to activate SuperNode")
 
 
 class SuperNodeError(RuntimeError):
@@ -86,6 +88,11 @@ def node_id_in_log(log: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def refused_in_log(log: Path) -> bool:
+    """True when the SuperNode's log says the SuperLink refused to activate it (unregistered key)."""
+    return bool(_REFUSED.search(tail(log, 400)))
+
+
 def wait_connected(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> int:
     """Block until the SuperNode is connected (returns its node id); raise if it exits or times out."""
     wait_for(lambda: proc.poll() is not None or node_id_in_log(log) is not None, timeout, interval=0.3)
@@ -93,10 +100,11 @@ def wait_connected(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60
     if node_id is not None:
         return node_id
     if proc.poll() is not None:
-        if proc.returncode == EXIT_ACTIVATION_REFUSED:
+        if refused_in_log(log):
             raise SuperNodeError(
-                "the SuperLink refused this SuperNode (exit code 305): is this site's public key registered "
-                f"at the coordinator (`fedecho server start` registers every *.pub in its keys folder)?\n{tail(log)}"
+                f"the SuperLink refused this SuperNode (Flower exit code {EXIT_ACTIVATION_REFUSED}): is this site's "
+                "public key registered at the coordinator (`fedecho server start` registers every *.pub "
+                f"in its keys folder)?\n{tail(log)}"
             )
         raise SuperNodeError(f"flower-supernode exited with code {proc.returncode}:\n{tail(log)}")
     raise SuperNodeError(f"flower-supernode did not connect within {timeout:.0f} s (log: {log}):\n{tail(log)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from fedecho._env import NO_TELEMETRY
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FLOWER_ENV_OFF = {k: v for k, v in NO_TELEMETRY.items() if k.startswith("FLWR_")}
 
 
@@ -94,7 +96,7 @@ def is_loopback(host: str) -> bool:
 def tail(path: Path, lines: int = 20) -> str:
     """The last lines of a log file (empty if missing): to show why a process died."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(_ANSI.sub("", path.read_text(errors="replace")).splitlines()[-lines:])
     except OSError:
         return ""
 

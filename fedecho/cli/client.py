@@ -14,7 +14,7 @@ from fedecho._proc import LogFollower, stop
 from fedecho._toml import ConfigFileError
 from fedecho.cli.server import _raise_interrupt, insecure_warning
 from fedecho.client.config import load_site_config
-from fedecho.client.supernode import EXIT_ACTIVATION_REFUSED, SuperNodeError, node_id_in_log, start_supernode
+from fedecho.client.supernode import SuperNodeError, node_id_in_log, refused_in_log, start_supernode
 
 app = typer.Typer(help="Hospital site: run the SuperNode that trains on this site's data.", no_args_is_help=True)
 console = Console()
@@ -73,7 +73,7 @@ def start(
             if not quiet:
                 console.print(f"[dim]{cfg.name} |[/] {escape(line)}", highlight=False)
         code = proc.returncode or 1
-        if proc.returncode == EXIT_ACTIVATION_REFUSED:
+        if refused_in_log(log):
             Console(stderr=True).print(
                 f"[red]error:[/] the SuperLink refused site {cfg.name}: its public key "
                 f"({cfg.public_key or 'NAME.pub'}) must be in the coordinator's keys folder and registered "
