@@ -116,3 +116,49 @@ def gradient_frames(n: int = 10, h: int = 32, w: int = 32, rgb: bool = False) ->
     if not rgb:
         return gray
     return np.stack([gray, 255 - gray, (gray // 2).astype(np.uint8)], axis=-1)
+
+
+TINY_RUN = """
+[run]
+name = "tiny"
+seed = 3
+wire_dtype = "{wire}"
+
+[strategy]
+name = "{strategy}"
+
+[model]
+name = "echo_vit_tiny"
+num_frames = 8
+
+[data]
+max_test_clips = 1
+
+[pretrain]
+rounds = {pretrain_rounds}
+steps = 1
+batch_size = 2
+lr = 1e-3
+
+[finetune]
+rounds = {finetune_rounds}
+steps = 1
+batch_size = 2
+lr = 1e-3
+tasks = ["ef"]
+freeze_encoder = {freeze}
+"""
+
+
+def tiny_run(
+    wire: str = "float32",
+    strategy: str = "fedavg",
+    pretrain_rounds: int = 2,
+    finetune_rounds: int = 1,
+    freeze: bool = True,
+) -> str:
+    """A federated run file for echo_vit_tiny on 8-frame clips, one local step per round."""
+    return TINY_RUN.format(
+        wire=wire, strategy=strategy, pretrain_rounds=pretrain_rounds, finetune_rounds=finetune_rounds,
+        freeze=str(freeze).lower(),
+    )  # fmt: skip

@@ -35,3 +35,12 @@ def dicom_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def federated_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two sites (site01/, site02/), 14 short videos in all: enough for every split at each site."""
+    out = tmp_path_factory.mktemp("federated")
+    synthesize(out, videos=14, sites=2, fmt="echonet", seed=5, max_frames=24, progress=False)
+    return out
+

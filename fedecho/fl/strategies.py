@@ -53,7 +53,7 @@ def strategy_parameters(name: str) -> dict[str, Any]:
         if klass is object or not hasattr(klass, "__init__"):
             continue
         for p in inspect.signature(klass.__init__).parameters.values():
-            if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in _OWNED:
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _OWNED:
                 params.setdefault(p.name, p.default)
     return params
 

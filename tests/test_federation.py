@@ -1,0 +1,228 @@
+"""Federation: run files, strategies, the wire format, update checks, and whole runs in Flower's
+simulation engine (Ray) with the real store, checkpoints and resume."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvgM
+from safetensors.torch import load_file
+
+from builders import tiny_run
+from fedecho.fl.config import parse_run_config, round_lr
+from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys
+from fedecho.fl.strategies import build_strategy, load_strategy_state, strategy_state
+from fedecho.models import create_model
+from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
+from fedecho.sim.run import simulate
+from fedecho.storage import Store
+from fedecho.train import ConfigError
+
+# ------------------------------------------------------------------ run files
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('[strategy]\nname = "fedavg"', '[strategy]\nname = "fedbest"'), "[strategy].name 'fedbest'"),
+        (('[strategy]\nname = "fedavg"', '[strategy]\nname = "fedprox"\nmu = 0.1'), "[strategy].mu"),
+        (('wire_dtype = "float32"', 'wire_dtype = "int8"'), "[run].wire_dtype"),
+        (
+            (
+                "steps = 1\nbatch_size = 2\nlr = 1e-3\n\n[finetune]",
+                "warmup_epochs = 1\nsteps = 1\nbatch_size = 2\nlr = 1e-3\n\n[finetune]",
+            ),
+            "[pretrain].warmup_epochs",
+        ),
+        (('[model]\nname = "echo_vit_tiny"', '[model]\nname = "echo_vit_huge"'), "[model]"),
+        (("rounds = 2", 'rounds = "two"'), "[pretrain].rounds must be an integer"),
+        (("[run]", "[runn]"), "unknown section(s) runn"),
+    ],
+)
+def test_malformed_run_file_names_the_field(edit: tuple[str, str], message: str) -> None:
+    text = tiny_run()
+    assert edit[0] in text
+    with pytest.raises(ConfigError) as e:
+        parse_run_config(text.replace(edit[0], edit[1], 1), "configs/x.toml")
+    assert message in str(e.value) and "configs/x.toml" in str(e.value)
+
+
+def test_run_file_and_schedule() -> None:
+    cfg = parse_run_config(tiny_run(strategy="fedprox", pretrain_rounds=3) + "", "x")
+    assert cfg.phases == ["pretrain", "finetune"] and cfg.strategy_name == "fedprox"
+    p = cfg.phase("pretrain")
+    p.warmup_rounds, p.min_lr = 1, 1e-5
+    lrs = [round_lr(p, r) for r in range(1, 4)]
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] >= p.min_lr  # warm-up, then cosine decay
+    assert parse_run_config(Path("configs/quickstart.toml").read_text()).phases == ["pretrain", "finetune"]
+
+
+# ----------------------------------------------------------------- exchange
+
+
+def test_frozen_fine_tuning_exchanges_only_trainable_tensors() -> None:
+    model = create_model("echo_vit_tiny", decoder=False, tasks=["ef"])
+    trained = exchanged_keys(model, "finetune", freeze_encoder=True)
+    assert trained and not any(k.startswith("encoder.") for k in trained)
+    assert all(k.startswith("encoder.") for k in frozen_keys(model, "finetune", True))
+    assert any(k.startswith("encoder.") for k in exchanged_keys(model, "finetune", freeze_encoder=False))
+    assert not any("num_batches_tracked" in k for k in trained)
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+def test_wire_precision_halves_bytes_and_round_trips(wire: str) -> None:
+    state = {"a.weight": torch.randn(64, 32) * 0.02, "b.bias": torch.randn(7)}
+    full, half = encode(state, "float32"), encode(state, wire)
+    assert half.count_bytes() < 0.6 * full.count_bytes()
+    back = decode(half, wire, {k: v.shape for k, v in state.items()})
+    tol = 1e-3 if wire == "float16" else 8e-3
+    for k, v in state.items():
+        assert back[k].dtype == torch.float32
+        torch.testing.assert_close(back[k], v, rtol=tol, atol=1e-6)
+
+
+def test_bad_updates_are_rejected_with_the_tensor_named() -> None:
+    shapes = {"w": torch.Size([4, 4])}
+    with pytest.raises(UpdateError, match="tensor w: holds NaN"):
+        decode(encode({"w": torch.full((4, 4), float("nan"))}, "float32"), "float32", shapes)
+    with pytest.raises(UpdateError, match=r"tensor w: shape \(4, 5\)"):
+        decode(encode({"w": torch.zeros(4, 5)}, "float32"), "float32", shapes)
+    with pytest.raises(UpdateError, match="missing w"):
+        decode(encode({"v": torch.zeros(4, 4)}, "float32"), "float32", shapes)
+    with pytest.raises(UpdateError, match="dtype float32, expected float16"):
+        decode(encode({"w": torch.zeros(4, 4)}, "float32"), "float16", shapes)
+    with pytest.raises(UpdateError, match="exceeds the bound"):
+        decode(encode({"w": torch.ones(4, 4) * 1e6}, "float32"), "float32", shapes, max_norm=100.0)
+    ok = decode(encode({"w": torch.ones(4, 4)}, "float32"), "float32", shapes, max_norm=100.0)
+    assert float(ok["w"].sum()) == 16.0
+
+
+def test_server_rejects_malformed_replies_before_aggregation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # messages outside a Flower process need an identity
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = parse_run_config(tiny_run(), "x")
+    cfg.run.max_update_norm = 1e3
+    run = FederatedRun(cfg, ServerSettings(state=tmp_path, store_url=f"sqlite:///{tmp_path}/s.db"))
+    expected = {"w": torch.Size([3, 3])}
+    sent = Message(RecordDict({"arrays": encode({"w": torch.zeros(3, 3)}, "float32")}), 7, MessageType.TRAIN)
+
+    def reply(update: torch.Tensor, examples: float = 4.0) -> Message:
+        content = RecordDict(
+            {
+                "arrays": encode({"w": update}, "float32"),
+                "metrics": MetricRecord({"num-examples": examples, "train_loss": 0.5}),
+                "info": ConfigRecord({"site": "site09"}),
+            }
+        )
+        return Message(content, 0, MessageType.TRAIN)
+
+    cases = {
+        "nan": reply(torch.full((3, 3), float("nan"))),
+        "shape": reply(torch.zeros(2, 3)),
+        "scaled": reply(torch.ones(3, 3) * 1e6),
+        "empty": reply(torch.zeros(3, 3), examples=0),
+    }
+    for name, msg in cases.items():
+        result = run.check_train_reply(sent, msg, expected)
+        assert result.status == "rejected" and result.update is None, name
+        assert result.site == "site09"
+    good = run.check_train_reply(sent, reply(torch.ones(3, 3) * 0.01), expected)
+    assert good.status == "ok" and good.update is not None and good.bytes_up > 0
+    events = [e for e in run.store.events(run.run_id) if e.kind == "update-rejected"]
+    assert len(events) == 4 and any("NaN" in e.message for e in events)
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def test_strategy_state_round_trip() -> None:
+    adam = build_strategy("fedadam", {"eta": 0.01}, fraction=1.0, min_sites=2)
+    assert isinstance(adam, FedAdam) and adam.min_available_nodes == 2
+    adam.m_t = {"w": np.ones(3, np.float32)}
+    adam.v_t = {"w": np.full(3, 2.0, np.float32)}
+    fresh = build_strategy("fedadam", {"eta": 0.01}, fraction=1.0, min_sites=2)
+    load_strategy_state(fresh, strategy_state(adam))
+    np.testing.assert_array_equal(fresh.v_t["w"], adam.v_t["w"])  # type: ignore[attr-defined]
+    avgm = build_strategy("fedavgm", {"server_momentum": 0.9}, fraction=1.0, min_sites=2)
+    assert isinstance(avgm, FedAvgM)
+    avgm.momentum_vector = [np.zeros(2), np.ones(3)]
+    other = build_strategy("fedavgm", {"server_momentum": 0.9}, fraction=1.0, min_sites=2)
+    load_strategy_state(other, strategy_state(avgm))
+    assert [a.shape for a in other.momentum_vector] == [(2,), (3,)]  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------- whole simulated runs
+
+
+def _final_model(store: Store, run_id: int) -> dict[str, torch.Tensor]:
+    return load_file(store.checkpoints(run_id)[0].path)
+
+
+def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Path) -> None:
+    cfg = parse_run_config(tiny_run(wire="float16"), "tiny")
+    run_id = simulate(cfg, federated_phantom, tmp_path / "state")
+    store = Store(f"sqlite:///{tmp_path / 'state' / 'fedecho.db'}")
+    run = store.get_run(run_id)
+    assert run.status == "finished" and run.mode == "simulation"
+    assert [(r.phase, r.round, r.sites_replied) for r in store.rounds(run_id)] == [
+        ("pretrain", 1, 2), ("pretrain", 2, 2), ("finetune", 1, 2)
+    ]  # fmt: skip
+    assert all(np.isfinite(r.train["train_loss"]) for r in store.rounds(run_id))
+    assert "val_loss" in store.rounds(run_id, "pretrain")[0].evaluate
+    results = store.site_results(run_id)
+    assert {r.site for r in results} == {"site01", "site02"} and all(r.status == "ok" for r in results)
+    train = [r for r in results if r.kind == "train"]
+    pre = next(r for r in train if r.phase == "pretrain")
+    fine = next(r for r in train if r.phase == "finetune")
+    # frozen-encoder fine-tuning sends back only STF-Net and the heads
+    assert fine.bytes_up < pre.bytes_up and fine.bytes_down > fine.bytes_up
+    assert len(store.checkpoints(run_id)) == 3
+    # the fine-tuned global model kept the federated pre-training's encoder
+    pre_last = load_file(next(c.path for c in store.checkpoints(run_id) if c.phase == "pretrain"))
+    final = _final_model(store, run_id)
+    torch.testing.assert_close(final["encoder.patch_embed.proj.weight"], pre_last["encoder.patch_embed.proj.weight"])
+    assert not _ray_processes()
+
+
+def _ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "ppid,pid,args"], capture_output=True, text=True).stdout
+    import os
+
+    mine = str(os.getpid())
+    return [line for line in out.splitlines() if line.split()[0] == mine and ("raylet" in line or "gcs_server" in line)]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(federated_phantom: Path, tmp_path: Path) -> None:
+    text = tiny_run(strategy="fedadam", pretrain_rounds=3, finetune_rounds=0, freeze=False)
+    cfg = parse_run_config(text, "tiny")
+    whole = simulate(cfg, federated_phantom, tmp_path / "a")
+    reference = _final_model(Store(f"sqlite:///{tmp_path / 'a' / 'fedecho.db'}"), whole)
+
+    def stop_after_round_2(phase: str, server_round: int, summary: dict[str, object]) -> None:
+        if server_round == 2:
+            raise RoundFailed("stopped by the test after round 2")
+
+    with pytest.raises(RoundFailed):
+        simulate(cfg, federated_phantom, tmp_path / "b", on_round=stop_after_round_2)
+    store = Store(f"sqlite:///{tmp_path / 'b' / 'fedecho.db'}")
+    (stopped,) = store.list_runs()
+    assert stopped.status == "stopped" and [r.round for r in store.rounds(stopped.id)] == [1, 2]
+    # corrupt round 2's checkpoint: resume must notice and fall back to round 1
+    ck2 = store.checkpoints(stopped.id)[0]
+    assert ck2.round == 2
+    Path(ck2.path).write_bytes(Path(ck2.path).read_bytes()[:-8] + b"\0" * 8)
+    resumed = simulate(cfg, federated_phantom, tmp_path / "b", resume=stopped.id)
+    assert resumed == stopped.id and store.get_run(stopped.id).status == "finished"
+    assert [r.round for r in store.rounds(stopped.id)] == [1, 2, 3]
+    assert any(e.kind == "checkpoint-invalid" for e in store.events(stopped.id))
+    final = _final_model(store, stopped.id)
+    assert final.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(final[k], reference[k]), k
