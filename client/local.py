@@ -66,7 +66,9 @@ def load_received(
     load_state(model, received, "the global model", strict=False)
 
 
-def _datasets(cfg: FedRunConfig, model: EchoVisionFM, phase: str, site: Site, seed: int) -> dict[str, EchoVideoDataset]:
+def site_datasets(
+    cfg: FedRunConfig, model: EchoVisionFM, phase: str, site: Site, seed: int
+) -> dict[str, EchoVideoDataset]:
     local = dataclasses.replace(cfg.local, data=dataclasses.replace(cfg.local.data, cache=str(site.cache)))
     if site.labels:
         local.data.labels = site.labels
@@ -84,7 +86,7 @@ def site_train(
     pcfg = cfg.phase(phase)
     seed = int(options["seed"])
     torch.manual_seed(seed)
-    sets = _datasets(cfg, model, phase, site, seed)
+    sets = site_datasets(cfg, model, phase, site, seed)
     train = sets["train"]
     train.prepare(progress=False)
     if phase == "finetune" and cfg.local.data.label_fraction < 1:
@@ -131,7 +133,7 @@ def site_evaluate(
     load_received(model, cfg, phase, received, site, str(options.get("frozen-sha256", "")))
     model.to(pick_device(site.device))
     pcfg = cfg.phase(phase)
-    sets = _datasets(cfg, model, phase, site, pcfg.seed)
+    sets = site_datasets(cfg, model, phase, site, pcfg.seed)
     if phase == "pretrain":
         val = sets["val_clips"]
         val.prepare(progress=False)

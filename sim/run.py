@@ -38,7 +38,9 @@ class SimSites:
     state: Path
 
     def __call__(self, context: Context) -> Site:
-        k = int(context.node_config["partition-id"])
+        return self.site(int(context.node_config["partition-id"]))
+
+    def site(self, k: int) -> Site:
         return Site(
             name=self.names[k],
             data=self.folders[k],

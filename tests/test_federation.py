@@ -19,6 +19,7 @@ from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, fro
 from fedecho.fl.strategies import build_strategy, load_strategy_state, strategy_state
 from fedecho.models import create_model
 from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
+from fedecho.sim.compare import compare_runs
 from fedecho.sim.run import simulate
 from fedecho.storage import Store
 from fedecho.train import ConfigError
@@ -189,6 +190,13 @@ def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Pa
     final = _final_model(store, run_id)
     torch.testing.assert_close(final["encoder.patch_embed.proj.weight"], pre_last["encoder.patch_embed.proj.weight"])
     assert not _ray_processes()
+    # --compare: pooled and each site alone at equal compute, scored on every site's test split
+    results = compare_runs(cfg, federated_phantom, tmp_path / "state", run_id)
+    assert set(results) == {"federated", "pooled", "local: site01", "local: site02"}
+    for per_site in results.values():
+        assert {"site01", "site02", "all sites"} <= set(per_site) and np.isfinite(per_site["all sites"]["ef_mae"])
+    png = tmp_path / "state" / f"compare-run-{run_id:04d}" / "compare.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _ray_processes() -> list[str]:

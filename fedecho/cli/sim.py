@@ -83,7 +83,7 @@ def sim(
     if compare:
         from fedecho.sim.compare import compare_runs
 
-        compare_runs(cfg, data, state, run_id, sites=sites, console=console)
+        compare_runs(cfg, data, state, run_id, sites=sites, store=store, console=console)
 
 
 def _phantom(state: Path, sites: int, videos: int, console: Console) -> Path:
