@@ -97,8 +97,8 @@ def start_superlink(cfg: ServerConfig, insecure: bool = False, log: Path | None 
 def health(cfg: ServerConfig, insecure: bool = False, timeout: float = 2.0) -> bool:
     """True when the SuperLink answers GET /health on its control address (over TLS checked against our CA)."""
     scheme = "http" if insecure else "https"
-    context = None if insecure else ssl.create_default_context(cafile=str(cfg.ca_cert))
     try:
+        context = None if insecure else ssl.create_default_context(cafile=str(cfg.ca_cert))
         with urllib.request.urlopen(f"{scheme}://{cfg.control}/health", timeout=timeout, context=context) as r:
             return bool(r.status == 200)
     except (urllib.error.URLError, OSError, ssl.SSLError):
