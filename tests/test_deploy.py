@@ -225,7 +225,8 @@ def test_run_without_a_superlink_says_how_to_start_one(tmp_path: Path) -> None:
     config = write_server_toml(tmp_path, free_port())
     run_toml = tmp_path / "r.toml"
     run_toml.write_text('[run]\nname = "x"\n')
-    res = runner.invoke(app, ["server", "run", "--config", str(run_toml), "--server", str(config)])
+    wide = {"COLUMNS": "300"}
+    res = runner.invoke(app, ["server", "run", "--config", str(run_toml), "--server", str(config)], env=wide)
     assert res.exit_code == 2 and "fedecho server start" in res.output
-    res = runner.invoke(app, ["server", "status", "--server", str(config)])
+    res = runner.invoke(app, ["server", "status", "--server", str(config)], env=wide)
     assert res.exit_code == 1 and "down" in res.output
