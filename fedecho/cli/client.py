@@ -48,8 +48,9 @@ def start(
             raise _fail(f"--insecure is refused: [superlink].address {cfg.superlink} in {cfg.path} is not loopback")
         insecure_warning(f"site {cfg.name}'s SuperNode")
     if not cfg.data.exists():
-        console.print(f"[yellow]warning:[/] {cfg.path}: [site].data = {cfg.data} does not exist (yet)")
+        console.print(f"[yellow]warning:[/] {escape(f'{cfg.path}: [site].data = {cfg.data} does not exist (yet)')}")
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started from a shell that ignores it
     log = cfg.logs / "supernode.log"
     follower = LogFollower(log)
     if log.exists():

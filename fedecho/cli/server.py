@@ -117,6 +117,7 @@ def start(
     if _alive(old.get("pid")):
         raise _fail(f"a SuperLink for {cfg.state} is already running (pid {old['pid']})")
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started from a shell that ignores it
     log = cfg.logs / "superlink.log"
     follower = LogFollower(log)
     if log.exists():
