@@ -20,20 +20,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-# The main job, growing with the project. Now: a 3-site phantom (EchoNet layout) and a small
-# hospital-style DICOM archive read back through the data layer, then local pre-training and
-# EF fine-tuning of echo_vit_tiny on one site, and a prediction on a DICOM cine.
+# The main job: a federated simulation on freshly generated phantom data. Three virtual hospitals
+# (each its own scanner vendor and patient mix) pre-train echo_vit_tiny by masked autoencoding,
+# then fine-tune it for EF, through Flower's simulation engine; the run lives in a SQLite store
+# (demo-output/state) and ends with a results table, an HTML report and a prediction.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 90 --sites 3 --seed 0
-	$(BIN)/fedecho synth $(DEMO_DIR)/archive --videos 4 --format dicom --seed 1
-	$(BIN)/fedecho data inspect $(DEMO_DIR)/phantom --cache $(DEMO_DIR)/cache
-	$(BIN)/fedecho data inspect $(DEMO_DIR)/archive --cache $(DEMO_DIR)/cache
-	$(BIN)/fedecho train pretrain --config configs/demo.toml --out $(DEMO_DIR)/runs/pretrain
-	$(BIN)/fedecho train finetune --config configs/demo.toml --out $(DEMO_DIR)/runs/finetune \
-		--init $(DEMO_DIR)/runs/pretrain/model.safetensors
-	$(BIN)/fedecho predict $$(ls $(DEMO_DIR)/archive/files/*/*/*/*_0001.dcm | head -n 1) \
-		--checkpoint $(DEMO_DIR)/runs/finetune/model.safetensors
+	$(BIN)/fedecho sim --config configs/quickstart.toml --data $(DEMO_DIR)/phantom --state $(DEMO_DIR)/state
+	$(BIN)/fedecho report 1 --state $(DEMO_DIR)/state --out $(DEMO_DIR)/report
+	$(BIN)/fedecho predict $$(ls $(DEMO_DIR)/phantom/site01/Videos/*.avi | head -n 1) \
+		--checkpoint $$(ls $(DEMO_DIR)/state/checkpoints/run-0001/finetune-round-*.safetensors | grep -v strategy | tail -n 1)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

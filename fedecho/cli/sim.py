@@ -59,7 +59,11 @@ def sim(
     except ConfigError as e:
         raise _fail(e) from e
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING)
+        # run_simulation is deprecated in favour of `flwr run`, which starts a detached SuperLink and
+        # installs dependencies: fedecho deliberately keeps the in-process engine, so spare users the notice.
+        flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
     if data is None:
         data = _phantom(state, sites or 3, videos, console)
     total = sum(cfg.phase(p).rounds for p in cfg.phases)
