@@ -87,14 +87,15 @@ def build_app_dir(
 ) -> Path:
     """Write <state>/submissions/<UTC time>-<run name>/ with pyproject.toml and README.md; return the folder.
 
-    run_toml may be None only for a resume: the ServerApp then takes the run from its store.
+    run_toml may be None only for a resume: the run file is then the one the store recorded for that run.
     """
     if run_toml is None and not resume:
         raise ValueError("a new run needs its run TOML file")
-    text = ""
     if run_toml is not None:
         read_toml(run_toml)  # a broken run file fails here, naming the file, not inside the ServerApp
         text = Path(run_toml).read_text()
+    else:
+        text = stored_run_toml(cfg, resume)
     label = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run_toml).stem if run_toml else "run")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     folder = cfg.state / "submissions" / f"{stamp}-{label}{f'-resume{resume}' if resume else ''}"
@@ -108,6 +109,17 @@ def build_app_dir(
         f"package; this bundle only carries the run configuration.\n"
     )
     return folder
+
+
+def stored_run_toml(cfg: ServerConfig, run_id: int) -> str:
+    """The run file the coordinator's store recorded for fedecho run `run_id` (what a resume continues)."""
+    from fedecho.storage.store import Store, StoreMissing, store_url
+
+    try:
+        with Store(store_url(cfg.state, cfg.store), create=False) as store:
+            return store.get_run(run_id).config_toml
+    except (KeyError, StoreMissing) as e:
+        raise ValueError(f"cannot resume run {run_id}: {e.args[0]}") from e
 
 
 _STARTED = re.compile(r"Successfully started run (\d+)")

@@ -230,3 +230,19 @@ def test_run_without_a_superlink_says_how_to_start_one(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "fedecho server start" in res.output
     res = runner.invoke(app, ["server", "status", "--server", str(config)], env=wide)
     assert res.exit_code == 1 and "down" in res.output
+
+
+def test_resume_takes_the_run_file_from_the_store(tmp_path: Path) -> None:
+    from fedecho.server.submit import build_app_dir
+    from fedecho.storage import Store
+    from fedecho.storage.store import store_url
+
+    cfg = load_server_config(write_server_toml(tmp_path, free_port()))
+    with pytest.raises(ValueError, match="cannot resume run 7"):
+        build_app_dir(cfg, None, resume=7)
+    with Store(store_url(cfg.state)) as store:
+        run_id = store.create_run("x", '[run]\nname = "x"\n', mode="deployment")
+    app_dir = build_app_dir(cfg, None, resume=run_id)
+    text = (app_dir / "pyproject.toml").read_text()
+    assert f'"fedecho-resume" = {run_id}' in text or f"fedecho-resume = {run_id}" in text
+    assert 'name = \\"x\\"' in text or 'name = "x"' in text
