@@ -150,7 +150,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("phantom_tiny.toml", "paper_echonet.toml", "demo.toml"):
+    for name in ("phantom_tiny.toml", "paper_echonet.toml"):
         load_run_config(root / name)
 
 
