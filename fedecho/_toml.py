@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigFileError(ValueError):
-    """A config file that is missing, not TOML, or has a field of the wrong type or value."""
+class ConfigError(ValueError):
+    """A config file (run file, server.toml, site.toml) that is missing, not TOML, or has a field of
+    the wrong type or value: one error type for every config fedecho reads."""
+
+
+ConfigFileError = ConfigError
 
 
 _MISSING: Any = object()

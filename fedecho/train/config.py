@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    pass
+from fedecho._toml import ConfigError
 
 
 @dataclass
@@ -112,6 +110,33 @@ def section(cls: type, raw: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+def parse_sections(
+    raw: dict[str, Any], where: str, phase_cls: type[PhaseSection] = PhaseSection, extra: frozenset[str] = frozenset()
+) -> RunConfig:
+    """[model], [data], [pretrain], [finetune] of a parsed run file (local or federated: `extra`
+    names the sections the caller reads itself), with the model checked before any data is read."""
+    known = {"model", "data", "pretrain", "finetune", *extra}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: [model] must be a table")
+    cfg = RunConfig(
+        model=model,
+        data=section(DataSection, raw.get("data", {}), f"{where}: [data]"),
+        pretrain=section(phase_cls, raw.get("pretrain", {}), f"{where}: [pretrain]"),
+        finetune=section(phase_cls, raw.get("finetune", {}), f"{where}: [finetune]"),
+    )
+    from fedecho.models import model_config
+
+    try:
+        model_config(cfg.model_name, **cfg.model_overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: [model] {e}") from e
+    return cfg
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
@@ -120,25 +145,6 @@ def load_run_config(path: str | Path) -> RunConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
-    known = {"model", "data", "pretrain", "finetune"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    model = raw.get("model", {})
-    if not isinstance(model, dict):
-        raise ConfigError(f"{path}: [model] must be a table")
-    cfg = RunConfig(
-        model=model,
-        data=section(DataSection, raw.get("data", {}), f"{path}: [data]"),
-        pretrain=section(PhaseSection, raw.get("pretrain", {}), f"{path}: [pretrain]"),
-        finetune=section(PhaseSection, raw.get("finetune", {}), f"{path}: [finetune]"),
-        path=path,
-    )
-    # Validate the model section now, so a typo fails before any data is read.
-    from fedecho.models import model_config
-
-    try:
-        model_config(cfg.model_name, **cfg.model_overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path}: [model] {e}") from e
+    cfg = parse_sections(raw, str(path))
+    cfg.path = path
     return cfg
