@@ -18,7 +18,7 @@ from fedecho.cli import app
 from fedecho.data.video import read_avi
 from fedecho.synth import MANIFEST, synthesize
 from fedecho.synth.heart import N_DISCS, disc_volume
-from fedecho.synth.phantom import sample_heart
+from fedecho.synth.phantom import make_video, sample_heart
 from fedecho.synth.vendors import REFERENCE, make_vendors
 
 FILELIST_HEADER = "FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split"
@@ -101,6 +101,30 @@ def test_ef_spread_and_site_mixes_differ() -> None:
     assert len({round(v.depth, 3) for v in vendors}) == 5
     site_means = [np.mean([v.sample_ef(rng) for _ in range(200)]) for v in vendors]
     assert max(site_means) - min(site_means) > 0.2
+
+
+def test_varied_acquisition_keeps_labels_and_tracings() -> None:
+    """Per-video acquisition changes the image (depth, gain, probe position), never the labels;
+    the cavity stays where the tracing says, and the result is deterministic."""
+    depths, images = set(), []
+    for i in range(4):
+        fixed = make_video(REFERENCE, np.random.default_rng(i), max_frames=40)
+        varied = make_video(REFERENCE, np.random.default_rng(i), max_frames=40, vary=True)
+        again = make_video(REFERENCE, np.random.default_rng(i), max_frames=40, vary=True)
+        assert np.array_equal(varied.frames, again.frames)
+        assert varied.ef == pytest.approx(fixed.ef) and varied.edv == pytest.approx(fixed.edv)
+        assert not np.array_equal(varied.frames[: len(fixed.frames)], fixed.frames[: len(varied.frames)])
+        depths.add(round(varied.grid.scale * varied.grid.height, 3))
+        images.append(varied.frames[varied.ed_frame].mean())
+        for tr in (varied.ed_tracing, varied.es_tracing):
+            img = varied.frames[tr.frame].astype(float)
+            outline = np.concatenate([tr.chords[:, 0], tr.chords[::-1, 1]])
+            inside = np.zeros_like(img, np.uint8)
+            cv2.fillPoly(inside, [np.round(outline).astype(np.int32)], 1)
+            inner = cv2.erode(inside, np.ones((3, 3), np.uint8))
+            ring = cv2.dilate(inside, np.ones((7, 7), np.uint8)) - cv2.dilate(inside, np.ones((3, 3), np.uint8))
+            assert img[inner > 0].mean() < 0.4 * img[ring > 0].mean()
+    assert len(depths) == 4 and np.ptp(images) > 1.0
 
 
 def test_deterministic_in_the_seed(tmp_path: Path) -> None:

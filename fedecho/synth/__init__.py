@@ -69,8 +69,13 @@ def synthesize(
     seed: int = 0,
     max_frames: int = 128,
     progress: bool = True,
+    vary: bool = False,
 ) -> list[SiteSummary]:
-    """Generate the phantom; with sites > 1 each site is a complete dataset in OUT/siteNN."""
+    """Generate the phantom; with sites > 1 each site is a complete dataset in OUT/siteNN.
+
+    vary: every video gets its own depth, sector width, gain, compression, noise and probe
+    position (phantom.vary_acquisition), as real studies do; off, a site's videos share its scanner's.
+    """
     out = Path(out)
     if fmt not in ("echonet", "dicom"):
         raise ValueError(f"--format must be 'echonet' or 'dicom', not {fmt!r}")
@@ -97,7 +102,7 @@ def synthesize(
                 writer = EchoNetWriter(root)
                 names = _unique_names(rng, n)
                 for i in range(n):
-                    video = make_video(vendor, _video_rng(seed, k, i), 112, 112, max_frames)
+                    video = make_video(vendor, _video_rng(seed, k, i), 112, 112, max_frames, vary)
                     writer.add(names[i], video, splits[i])
                     efs.append(video.ef)
                     bar.advance(task)
@@ -108,7 +113,7 @@ def synthesize(
                 split_of: dict[int, str] = {}
                 for i, study in enumerate(studies):
                     split = split_of.setdefault(study.patient.subject_id, splits[i])
-                    video = make_video(vendor, _video_rng(seed, k, i), SECTOR, SECTOR, max_frames)
+                    video = make_video(vendor, _video_rng(seed, k, i), SECTOR, SECTOR, max_frames, vary)
                     writer.add(video, study, split, rng)
                     efs.append(video.ef)
                     bar.advance(task)
@@ -121,6 +126,7 @@ def synthesize(
         "format": fmt,
         "seed": seed,
         "videos": videos,
+        **({"acquisition": "varied per video"} if vary else {}),
         "sites": [
             {"name": s.name, "directory": str(s.directory.relative_to(out)), "videos": s.videos, "vendor": v.as_dict()}
             for s, v in zip(summaries, vendors, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -69,15 +70,45 @@ def sample_heart(vendor: Vendor, rng: np.random.Generator, n_frames_hint: int = 
     )
 
 
+def vary_acquisition(vendor: Vendor, heart: Heart, rng: np.random.Generator) -> tuple[Vendor, Heart]:
+    """Per-video acquisition, as sonographers vary it: depth, sector width, gain, compression,
+    noise and speckle settings, and the probe's position and angle (the heart's place in the sector).
+
+    Real cines of one scanner differ this much from study to study; labels do not change (EF is a
+    ratio of traced volumes), so this is nuisance variation a model has to learn to ignore.
+    """
+    depth = vendor.depth * float(rng.uniform(0.85, 1.2))
+    vendor = dataclasses.replace(
+        vendor,
+        depth=depth,
+        half_angle=vendor.half_angle + math.radians(float(rng.uniform(-5.0, 5.0))),
+        gain=vendor.gain * float(np.exp(rng.uniform(-0.45, 0.45))),
+        dynamic_range=vendor.dynamic_range * float(np.exp(rng.uniform(-0.7, 0.7))),
+        noise=vendor.noise * float(np.exp(rng.uniform(-0.7, 0.7))),
+        speckle=vendor.speckle * float(np.exp(rng.uniform(-0.35, 0.35))),
+    )
+    ax, ay = heart.apex
+    heart = dataclasses.replace(
+        heart,
+        apex=(ax + float(rng.uniform(-0.7, 0.7)), ay + float(rng.uniform(-0.3, 1.0))),
+        tilt=heart.tilt + float(rng.uniform(-0.12, 0.12)),
+    )
+    return vendor, heart
+
+
 def make_video(
     vendor: Vendor,
     rng: np.random.Generator,
     height: int = 112,
     width: int = 112,
     max_frames: int = 128,
+    vary: bool = False,
 ) -> PhantomVideo:
-    """Render one cine of 1.6-2.4 beats (at most max_frames) with its ED/ES tracings."""
+    """Render one cine of 1.6-2.4 beats (at most max_frames) with its ED/ES tracings; with vary,
+    each video also gets its own acquisition settings and probe position (vary_acquisition)."""
     heart = sample_heart(vendor, rng)
+    if vary:
+        vendor, heart = vary_acquisition(vendor, heart, rng)
     grid = PixelGrid.for_sector(height, width, vendor.depth)
     beats = float(rng.uniform(1.6, 2.4))
     n = math.ceil(beats * heart.beat * vendor.fps)
