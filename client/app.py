@@ -31,6 +31,11 @@ SiteResolver = Callable[[Context], Site]
 ERROR_FAILED = 100
 ERROR_MISSING_FROZEN = 101
 ERROR_BAD_MESSAGE = 102
+ERROR_REFUSED = 103  # the site's policy or privacy budget says no: the server records a refusal
+
+
+class Refused(Exception):
+    """Raised by a site-side check (policy, privacy budget, code approval) before any data is touched."""
 
 
 def site_from_node_config(context: Context) -> Site:
@@ -90,6 +95,9 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             else:
                 metrics = site_evaluate(cfg, phase, received, site, options)
                 content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
+        except Refused as e:
+            log.warning("site %s refused: %s", site.name, e)
+            return _error(msg, ERROR_REFUSED, f"refused by site {site.name}: {e}")
         except MissingFrozen as e:
             return _error(msg, ERROR_MISSING_FROZEN, str(e))
         except Exception as e:
@@ -110,4 +118,6 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
 
 app = build_client_app(site_from_node_config)
 
-__all__ = ["Site", "SiteResolver", "app", "build_client_app", "site_from_node_config"]
+__all__ = [
+    "ERROR_REFUSED",
+    "Refused","Site", "SiteResolver", "app", "build_client_app", "site_from_node_config"]

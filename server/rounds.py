@@ -29,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedecho.client.app import ERROR_REFUSED
 from fedecho.client.local import build_model
 from fedecho.fl.config import FedRunConfig, parse_run_config, round_lr, round_seed
 from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys, state_hash, wire_round
@@ -64,7 +65,7 @@ class ServerSettings:
 class SiteReply:
     site: str
     node_id: int
-    status: str  # ok | failed | rejected
+    status: str  # ok | failed | rejected | refused
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     bytes_down: int = 0
@@ -250,7 +251,10 @@ class FederatedRun:
             return SiteReply(name, node, "failed", reason="no reply before the deadline", bytes_down=down)
         site = _site_name(reply, self.names)
         if reply.has_error():
-            return SiteReply(site, node, "failed", reason=str(reply.error.reason), bytes_down=down)
+            status = "refused" if reply.error.code == ERROR_REFUSED else "failed"
+            if status == "refused":
+                self.store.add_event(self.run_id, "refused", str(reply.error.reason), site=site)
+            return SiteReply(site, node, status, reason=str(reply.error.reason), bytes_down=down)
         content = reply.content
         up = content["arrays"].count_bytes() if "arrays" in content else 0
         try:
