@@ -118,6 +118,4 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
 
 app = build_client_app(site_from_node_config)
 
-__all__ = [
-    "ERROR_REFUSED",
-    "Refused","Site", "SiteResolver", "app", "build_client_app", "site_from_node_config"]
+__all__ = ["ERROR_REFUSED", "Refused", "Site", "SiteResolver", "app", "build_client_app", "site_from_node_config"]
