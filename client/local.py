@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedecho.data import EchoVideoDataset
-from fedecho.fl.config import FedRunConfig
+from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
 from fedecho.models import EchoVisionFM, create_model
 from fedecho.models.checkpoint import load_state
@@ -84,7 +84,7 @@ def site_train(
     model = build_model(cfg, phase)
     load_received(model, cfg, phase, received, site, str(options.get("frozen-sha256", "")))
     pcfg = cfg.phase(phase)
-    seed = int(options["seed"])
+    seed = round_seed(int(options["seed"]), phase, 0, site.name)  # the round's seed, made this site's own
     torch.manual_seed(seed)
     sets = site_datasets(cfg, model, phase, site, seed)
     train = sets["train"]
