@@ -154,12 +154,12 @@ def test_every_skip_reason_and_the_pass_goes_on(tmp_path: Path, cache_dir: Path)
     failed = ds.prepare(progress=False)
     reasons = {p.path: p.reason for p in ds.problems}
     assert reasons == {
-        "garbage.dcm": Reason.UNREADABLE,
+        "garbage.dcm": Reason.NOT_DICOM,
         "ct.dcm": Reason.NOT_ULTRASOUND,
         "still.dcm": Reason.SINGLE_FRAME,
         "short.dcm": Reason.TOO_FEW_FRAMES,
         "mpeg.dcm": Reason.UNSUPPORTED_TRANSFER_SYNTAX,
-        "broken.dcm": Reason.UNREADABLE,
+        "broken.dcm": Reason.CORRUPT_PIXEL_DATA,
     }
     assert [p.path for p in failed] == ["broken.dcm"]
     assert [r.key for r in ds.records] == [good.name]

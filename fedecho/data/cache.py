@@ -25,20 +25,23 @@ from fedecho.storage.files import atomic_path, atomic_write_bytes, file_sha256
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedecho" / "frames"
 
 
-def decode_video(source: EchoSource, record: VideoRecord, size: int) -> np.ndarray:
-    """Decode a record through its source and fit every frame to size x size (uint8)."""
+def decode_video(source: EchoSource, record: VideoRecord, size: int | None) -> np.ndarray:
+    """Decode a record through its source and fit every frame to size x size (uint8);
+    size None keeps the native resolution (site ingest stores that)."""
     out = []
     try:
         for frame in source.frames(record):
             if frame.dtype != np.uint8:
                 raise BadFile(Reason.UNREADABLE, f"decoder returned {frame.dtype}, expected uint8")
-            out.append(fit_square(frame, size))
+            out.append(fit_square(frame, size) if size else frame)
     except BadFile:
         raise
     except Exception as e:  # any decoder failure is this file's problem, not the pass's
         raise BadFile(Reason.UNREADABLE, f"{type(e).__name__}: {e}") from e
     if not out:
         raise BadFile(Reason.UNREADABLE, "no frames decoded")
+    if len({f.shape[:2] for f in out}) > 1:
+        raise BadFile(Reason.BAD_DIMENSIONS, "frames differ in size")
     if len({f.shape for f in out}) > 1:
         out = [f if f.ndim == 3 else np.repeat(f[..., None], 3, -1) for f in out]
     return to_uint8_gray_or_rgb(np.stack(out))

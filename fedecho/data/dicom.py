@@ -17,7 +17,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.pixels import apply_color_lut, get_decoder, iter_pixels
+from pydicom.uid import UID
 
 from fedecho.data.records import (
     AS_CLASSES,
@@ -64,6 +66,14 @@ LABEL_ALIASES = {
 }
 
 
+MAX_SIDE = 8192  # rows/columns: larger is not an echo cine (and would exhaust memory decoding it)
+MIN_SIDE = 8
+MAX_FRAMES = 20_000
+MAX_DECODED_BYTES = 16 << 30  # a whole decoded cine must fit in memory at ingest
+
+_READ_ERRORS = (OSError, EOFError, ValueError, AttributeError, KeyError, TypeError, IndexError)
+
+
 def _is_candidate(path: Path) -> bool:
     name = path.name
     return not (name.startswith(".") or name == "DICOMDIR" or path.suffix.lower() in NOT_DICOM_SUFFIXES)
@@ -86,8 +96,8 @@ def frame_rate(ds: Dataset) -> float | None:
     return None
 
 
-def tissue_region(ds: Dataset) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) inclusive bounds of the 2-D tissue regions, if the scanner declares any."""
+def tissue_boxes(ds: Dataset) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) inclusive bounds of each 2-D tissue region the scanner declares."""
     boxes = []
     for r in ds.get("SequenceOfUltrasoundRegions", []):
         if int(r.get("RegionSpatialFormat", 0)) == 1:
@@ -99,14 +109,84 @@ def tissue_region(ds: Dataset) -> tuple[int, int, int, int] | None:
                     int(r.RegionLocationMaxY1),
                 )
             )
+    return boxes
+
+
+def tissue_region(ds: Dataset) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) inclusive bounds of the 2-D tissue regions, if the scanner declares any."""
+    boxes = tissue_boxes(ds)
     if not boxes:
         return None
     xs0, ys0, xs1, ys1 = zip(*boxes, strict=True)
     return min(xs0), min(ys0), max(xs1), max(ys1)
 
 
-def check_header(ds: Dataset, min_frames: int) -> int:
-    """Validate a cine's header; return its frame count or raise BadFile with the reason."""
+def _pixel_data_extent(path: Path, size: int) -> int | None:
+    """Walk the top-level elements without reading values: the Pixel Data length in bytes
+    (None when encapsulated or absent); raise BadFile(TRUNCATED) when the file ends inside an element.
+
+    pydicom reads a cut file without complaint (it returns the short value), so the declared
+    lengths are compared with the file size here.
+    """
+    try:
+        with open(path, "rb") as fp:
+            read_preamble(fp, False)
+            meta = _read_file_meta_info(fp)
+            tsyntax = UID(str(meta.get("TransferSyntaxUID", "")))
+            implicit = tsyntax.is_implicit_VR if tsyntax.is_transfer_syntax else False
+            little = tsyntax.is_little_endian if tsyntax.is_transfer_syntax else True
+            length = None
+            for elem in data_element_generator(fp, implicit, little, defer_size=256):
+                if elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size:
+                    raise BadFile(Reason.TRUNCATED, f"the file ends inside element {elem.tag}")
+                if elem.tag == 0x7FE00010:
+                    length = None if elem.length == 0xFFFFFFFF else int(elem.length)
+            return length
+    except EOFError as e:
+        raise BadFile(Reason.TRUNCATED, "the file ends before its last element is complete") from e
+
+
+def read_header(path: Path) -> tuple[Dataset, int | None]:
+    """Read a file's header (pixel data deferred) telling the ways a file can be bad apart:
+    unreadable, empty, not DICOM, truncated. Returns (dataset, native Pixel Data length or None)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise BadFile(Reason.UNREADABLE, f"cannot read ({e.strerror or type(e).__name__})") from e
+    if size == 0:
+        raise BadFile(Reason.EMPTY, "zero bytes")
+    if head[128:132] != b"DICM":
+        raise BadFile(Reason.NOT_DICOM, "no DICOM preamble and 'DICM' prefix")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size=1024)
+        length = _pixel_data_extent(path, size)
+    except BadFile:
+        raise
+    except InvalidDicomError as e:
+        raise BadFile(Reason.NOT_DICOM, f"not a DICOM file ({type(e).__name__})") from e
+    except EOFError as e:
+        raise BadFile(Reason.TRUNCATED, "the file ends before its header is complete") from e
+    except _READ_ERRORS as e:
+        raise BadFile(Reason.UNREADABLE, f"not a readable DICOM file ({type(e).__name__})") from e
+    return ds, length
+
+
+def _frame_bytes(ds: Dataset) -> int:
+    """Bytes of one native (uncompressed) frame."""
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        return rows * cols * 2 * bits // 8
+    return (rows * cols * spp * bits + 7) // 8
+
+
+def check_header(ds: Dataset, min_frames: int, pixel_length: int | None = None) -> int:
+    """Validate a cine's header; return its frame count or raise BadFile with the reason.
+
+    pixel_length: the native Pixel Data length (from read_header), checked against the frame count.
+    """
     sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
     if ds.get("Modality", "") != "US" and sop not in US_SOP_CLASSES:
         raise BadFile(Reason.NOT_ULTRASOUND, f"modality {ds.get('Modality', '?')}, SOP class {sop or '?'}")
@@ -125,8 +205,24 @@ def check_header(ds: Dataset, min_frames: int) -> int:
         available = False
     if not available:
         raise BadFile(Reason.UNSUPPORTED_TRANSFER_SYNTAX, f"{tsyntax.name} ({tsyntax})")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if not (MIN_SIDE <= rows <= MAX_SIDE and MIN_SIDE <= cols <= MAX_SIDE) or frames > MAX_FRAMES:
+        raise BadFile(
+            Reason.BAD_DIMENSIONS,
+            f"{frames} frames of {rows} x {cols} (allowed: {MIN_SIDE}-{MAX_SIDE} pixels, up to {MAX_FRAMES} frames)",
+        )
+    if frames * rows * cols * max(spp, 3) > MAX_DECODED_BYTES:
+        raise BadFile(Reason.BAD_DIMENSIONS, f"{frames} frames of {rows} x {cols} do not fit in memory decoded")
     if frames < min_frames:
         raise BadFile(Reason.TOO_FEW_FRAMES, f"{frames} frames < {min_frames}")
+    if pixel_length is not None and not tsyntax.is_encapsulated:
+        per_frame = _frame_bytes(ds)
+        if per_frame and (pixel_length < frames * per_frame or pixel_length - frames * per_frame >= per_frame):
+            raise BadFile(
+                Reason.FRAME_COUNT_MISMATCH,
+                f"Number of Frames is {frames} but the pixel data holds {pixel_length / per_frame:.4g} frames",
+            )
     return frames
 
 
@@ -152,7 +248,8 @@ def to_uint8(frame: np.ndarray, ds: Dataset) -> np.ndarray:
 @register_source
 class DicomArchiveSource(EchoSource):
     """Options: labels (CSV path), min_frames (default 8), ef_threshold (default 50),
-    require_labels (default: True when labels are given)."""
+    require_labels (default: True when labels are given), crop_region (default True: crop each
+    frame to the declared tissue region; site ingest turns it off to blank the sector itself)."""
 
     kind = "dicom"
     detect_cost = 1  # walks the folder
@@ -182,6 +279,10 @@ class DicomArchiveSource(EchoSource):
             labels = self.root / "labels.csv"
         self.labels_path = Path(labels) if labels else None
         self.require_labels = bool(options.get("require_labels", self.labels_path is not None))
+        self.crop_region = bool(options.get("crop_region", True))
+
+    def cache_params(self) -> dict[str, object]:
+        return {**super().cache_params(), **({} if self.crop_region else {"crop_region": False})}
 
     def _labels(self) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
         if self.labels_path is None:
@@ -221,12 +322,12 @@ class DicomArchiveSource(EchoSource):
                     continue
                 rel = relative(path, self.root)
                 try:
-                    ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size=1024)
-                    n_frames = check_header(ds, self.min_frames)
+                    ds, pixel_length = read_header(path)
+                    n_frames = check_header(ds, self.min_frames, pixel_length)
                 except BadFile as e:
                     problems.append(Problem(rel, e.reason, e.detail))
                     continue
-                except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError, TypeError) as e:
+                except _READ_ERRORS as e:
                     problems.append(Problem(rel, Reason.UNREADABLE, f"not a readable DICOM file ({type(e).__name__})"))
                     continue
                 uid = str(ds.get("SOPInstanceUID", ""))
@@ -253,6 +354,7 @@ class DicomArchiveSource(EchoSource):
                         n_frames=n_frames,
                         group=str(ds.get("PatientID", "")) or None,
                         meta={
+                            "split_given": bool(row and row.get("split", "").strip()),
                             "sop_instance_uid": uid,
                             "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
                             "photometric": str(ds.get("PhotometricInterpretation", "")),
@@ -272,16 +374,22 @@ class DicomArchiveSource(EchoSource):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError) as e:
             raise BadFile(Reason.UNREADABLE, f"not a readable DICOM file ({type(e).__name__})") from e
-        box = tissue_region(ds)
+        box = tissue_region(ds) if self.crop_region else None
         as_rgb = str(ds.get("PhotometricInterpretation", "")) != "PALETTE COLOR"
+        declared = int(ds.get("NumberOfFrames", 1) or 1)
+        count = 0
         try:
             for frame in iter_pixels(path, as_rgb=as_rgb):
                 frame = to_uint8(frame, ds)
                 if box is not None:
                     x0, y0, x1, y1 = box
                     frame = frame[y0 : y1 + 1, x0 : x1 + 1]
+                count += 1
                 yield frame
         except BadFile:
             raise
         except Exception as e:
-            raise BadFile(Reason.UNREADABLE, f"pixel data: {type(e).__name__}: {e}") from e
+            # Type only: a codec's message is not ours to vouch for (it could quote header values).
+            raise BadFile(Reason.CORRUPT_PIXEL_DATA, f"frame {count + 1} does not decode ({type(e).__name__})") from e
+        if count != declared:
+            raise BadFile(Reason.FRAME_COUNT_MISMATCH, f"Number of Frames is {declared} but {count} frames decoded")

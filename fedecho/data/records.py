@@ -30,6 +30,14 @@ class Reason(enum.StrEnum):
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
     TOO_FEW_FRAMES = "too_few_frames"
     MISSING_LABEL = "missing_label"
+    EMPTY = "empty"  # a zero-byte file
+    NOT_DICOM = "not_dicom"  # no DICOM preamble/prefix: some other file in the archive
+    TRUNCATED = "truncated"  # the file ends inside an element (an interrupted copy)
+    CORRUPT_PIXEL_DATA = "corrupt_pixel_data"  # the codec is available but the pixel data does not decode
+    FRAME_COUNT_MISMATCH = "frame_count_mismatch"  # Number of Frames disagrees with the pixel data
+    BAD_DIMENSIONS = "bad_dimensions"  # rows, columns or frames outside what a cine can be
+    DUPLICATE = "duplicate"  # the same bytes were already registered (site ingest)
+    NO_SECTOR = "no_sector"  # no ultrasound sector found, so burned-in text cannot be blanked (site ingest)
 
 
 class BadFile(Exception):

@@ -64,7 +64,7 @@ def register_source(cls: type[EchoSource]) -> type[EchoSource]:
 
 def _load_builtin() -> None:
     # Imported for their registration side effect.
-    from fedecho.data import camus, dicom, echonet, tmed2  # noqa: F401
+    from fedecho.data import camus, dicom, echonet, registered, tmed2  # noqa: F401
 
 
 def detect_source(root: str | Path) -> str | None:
@@ -84,7 +84,8 @@ def open_source(root: str | Path, kind: str = "auto", **options: Any) -> EchoSou
         if found is None:
             raise SourceError(
                 f"{root}: cannot tell the format; expected EchoNet-Dynamic (FileList.csv), CAMUS "
-                "(database_nifti/), TMED-2 (view_and_diagnosis_labeled_set/) or DICOM files"
+                "(database_nifti/), TMED-2 (view_and_diagnosis_labeled_set/), DICOM files or a registered site "
+                "folder (site.db)"
             )
         kind = found
     if kind not in SOURCES:

@@ -1,0 +1,208 @@
+"""The site's own database (DIR/site.db): the manifest of registered files, and room for more.
+
+It holds no identifying attribute: per file the content hash of the original, pseudonyms (salted
+hashes), geometry, timing, encoding, status and a reason code; never a name, date, UID or path
+(archive paths such as MIMIC-IV-ECHO's p<subject>/s<study> embed identifiers, so a path is kept
+only as a salted hash). It never leaves the site.
+
+Other site modules add their tables by subclassing `SiteBase`; `SiteStore` creates whatever tables
+are missing each time it opens, and hands out one-transaction sessions (`write()`, `read()`).
+Same engine settings as the run store: SQLite WAL, foreign keys, BEGIN IMMEDIATE for writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Double, Integer, String, Text, func, inspect, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from fedecho.storage.store import JSONText, _sqlite_engine
+
+DB_NAME = "site.db"
+FILE_STATUSES = ("ok", "quarantined")
+
+
+class SiteStoreMissing(FileNotFoundError):
+    """SiteStore(dir, create=False) where no site database exists (read-only commands never create one)."""
+
+
+class SiteBase(DeclarativeBase):
+    """Every table of the site database; subclass it to add one (created on the next open)."""
+
+
+class FileEntry(SiteBase):
+    """One ingested file (or pseudo-video): registered (ok) or quarantined with a reason."""
+
+    __tablename__ = "files"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_key: Mapped[str | None] = mapped_column(String(32), unique=True, nullable=True)  # ok rows only
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)  # of the original bytes
+    path_hash: Mapped[str] = mapped_column(String(64), index=True)  # salted hash of the path in SOURCE
+    source_kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(32), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    patient: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study: Mapped[str] = mapped_column(String(64), default="")
+    series: Mapped[str] = mapped_column(String(64), default="")
+    instance: Mapped[str] = mapped_column(String(64), default="")
+    frames: Mapped[int | None] = mapped_column(Integer, nullable=True)  # as stored (decoded)
+    fps: Mapped[float | None] = mapped_column(Double, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)  # as stored (sector crop)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    channels: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax: Mapped[str] = mapped_column(String(64), default="")
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(64), default="")
+    sector: Mapped[str] = mapped_column(String(16), default="")  # region | image | as_published
+    split: Mapped[str] = mapped_column(String(8), default="")
+    targets: Mapped[dict[str, Any]] = mapped_column(JSONText, default=dict)
+    ingested: Mapped[float] = mapped_column(Double)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A manifest row as plain values."""
+
+    id: int
+    record_key: str | None
+    sha256: str | None
+    path_hash: str
+    source_kind: str
+    status: str
+    reason: str
+    detail: str
+    patient: str
+    study: str
+    series: str
+    instance: str
+    frames: int | None
+    fps: float | None
+    height: int | None
+    width: int | None
+    channels: int | None
+    transfer_syntax: str
+    manufacturer: str
+    model: str
+    sector: str
+    split: str
+    targets: dict[str, Any]
+    ingested: float
+
+
+_FILE_FIELDS = tuple(f.name for f in fields(FileRow))
+
+
+def _row(e: FileEntry) -> FileRow:
+    return FileRow(**{name: getattr(e, name) for name in _FILE_FIELDS})
+
+
+def site_db_path(site_dir: str | Path) -> Path:
+    return Path(site_dir) / DB_NAME
+
+
+class SiteStore:
+    """The site database in DIR (DIR/site.db); each public write is one transaction."""
+
+    def __init__(self, site_dir: str | Path, *, create: bool = True) -> None:
+        self.site_dir = Path(site_dir)
+        db = site_db_path(self.site_dir)
+        if not db.exists():
+            if not create:
+                raise SiteStoreMissing(f"{self.site_dir}: no registered site data (no {DB_NAME}); run fedecho data add")
+            self.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._engine = _sqlite_engine(f"sqlite:///{db}")
+        self._write_engine = self._engine.execution_options(fedecho_write=True)
+        self.ensure_tables()
+
+    def ensure_tables(self) -> None:
+        """Create the tables of every SiteBase subclass imported so far that the file lacks."""
+        missing = set(SiteBase.metadata.tables) - set(inspect(self._engine).get_table_names())
+        if missing:
+            SiteBase.metadata.create_all(self._write_engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> SiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction (the write lock taken up front): committed on success, else rolled back."""
+        with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self._engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    # ------------------------------------------------------------ manifest
+
+    def add_file(self, **values: Any) -> FileRow:
+        """Insert one manifest row (status ok needs a record_key)."""
+        if values.get("status") not in FILE_STATUSES:
+            raise ValueError(f"file status must be one of {FILE_STATUSES}, not {values.get('status')!r}")
+        values.setdefault("ingested", time.time())
+        with self.write() as s:
+            entry = FileEntry(**values)
+            s.add(entry)
+            s.flush()
+            return _row(entry)
+
+    def seen(self, path_hash: str, sha256: str | None) -> bool:
+        """Was this very file (same path, same bytes) ingested before, with whatever outcome?"""
+        with self.read() as s:
+            q = select(FileEntry.id).where(FileEntry.path_hash == path_hash)
+            q = q.where(FileEntry.sha256.is_(None) if sha256 is None else FileEntry.sha256 == sha256)
+            return s.execute(q.limit(1)).first() is not None
+
+    def registered_as(self, sha256: str) -> str | None:
+        """The record key under which these bytes are registered, if they are."""
+        with self.read() as s:
+            q = select(FileEntry.record_key).where(FileEntry.sha256 == sha256, FileEntry.status == "ok")
+            return s.execute(q.limit(1)).scalar()
+
+    def files(self, status: str | None = None) -> list[FileRow]:
+        with self.read() as s:
+            q = select(FileEntry).order_by(FileEntry.id)
+            if status is not None:
+                q = q.where(FileEntry.status == status)
+            return [_row(e) for e in s.scalars(q)]
+
+    def record_keys(self) -> set[str]:
+        with self.read() as s:
+            return {k for k in s.scalars(select(FileEntry.record_key).where(FileEntry.status == "ok")) if k}
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for `fedecho data report`: files by status and reason, frames, patients, splits."""
+        with self.read() as s:
+            by_status = dict(s.execute(select(FileEntry.status, func.count()).group_by(FileEntry.status)).all())
+            reasons = dict(
+                s.execute(
+                    select(FileEntry.reason, func.count())
+                    .where(FileEntry.status == "quarantined")
+                    .group_by(FileEntry.reason)
+                ).all()
+            )
+            ok = s.scalars(select(FileEntry).where(FileEntry.status == "ok")).all()
+            return {
+                "ok": int(by_status.get("ok", 0)),
+                "quarantined": int(by_status.get("quarantined", 0)),
+                "reasons": {str(k): int(v) for k, v in sorted(reasons.items())},
+                "frames": sum(e.frames or 0 for e in ok),
+                "patients": len({e.patient for e in ok if e.patient}),
+                "splits": dict(sorted(Counter(e.split for e in ok).items())),
+                "sources": dict(sorted(Counter(e.source_kind for e in ok).items())),
+            }
