@@ -1,8 +1,9 @@
-"""`fedecho data`: look at what a folder of echo data holds, through the data layer."""
+"""`fedecho data`: look at what a folder of echo data holds; register a site's data, de-identified."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from fedecho.data import (
     detect_source,
     open_source,
 )
+from fedecho.privacy.deid import SALT_FILE, PrivacyError, load_or_create_salt, pseudonym
 from fedecho.synth import MANIFEST
 
 app = typer.Typer(
-    help="Inspect echo data sources (EchoNet-Dynamic, CAMUS, TMED-2, DICOM archives).", no_args_is_help=True
+    help="Inspect echo data sources (EchoNet-Dynamic, CAMUS, TMED-2, DICOM archives, registered site folders) "
+    "and register a site's data, de-identified.",
+    no_args_is_help=True,
 )
 
 
@@ -52,7 +56,7 @@ def inspect(
     path: Path = typer.Argument(
         ..., exists=True, file_okay=False, help="A source folder, or a folder of site folders."
     ),
-    source: str = typer.Option("auto", "--source", help="auto, echonet, camus, tmed2 or dicom."),
+    source: str = typer.Option("auto", "--source", help="auto, echonet, camus, tmed2, dicom or site."),
     labels: Path | None = typer.Option(
         None, "--labels", help="Labels CSV for a DICOM archive (path or sop_instance_uid column)."
     ),
@@ -130,3 +134,136 @@ def inspect(
                 console.print(f"    [yellow]{p.path}[/]: {p.reason.value} ({p.detail})")
         else:
             console.print("  skipped: none")
+
+
+def _fail(console: Console, message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _quarantine_table(title: str, rows: list[tuple[int, str, str, str | None]], show_paths: bool) -> Table:
+    table = Table(title=title)
+    table.add_column("#", justify="right")
+    table.add_column("reason")
+    table.add_column("detail")
+    if show_paths:
+        table.add_column("file (in SOURCE)")
+    for row_id, reason, detail, path in rows:
+        table.add_row(str(row_id), reason, detail, *([path or "?"] if show_paths else []))
+    return table
+
+
+@app.command("add")
+def add(
+    source: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="A DICOM archive, or an EchoNet-Dynamic, CAMUS or TMED-2 folder."
+    ),
+    site_dir: Path = typer.Option(..., "--site-dir", help="The site folder (created): site.db, videos/, site.salt."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="Labels CSV for a DICOM archive (path or sop_instance_uid column; EF, ESV, EDV, AS)."
+    ),
+    kind: str = typer.Option("auto", "--source", help="auto, echonet, camus, tmed2 or dicom."),
+    show_paths: bool = typer.Option(
+        False,
+        "--show-paths",
+        help="Name quarantined files by their path in SOURCE (archive paths may embed patient ids: local eyes only).",
+    ),
+) -> None:
+    """Register SOURCE's videos into the site folder, de-identified; quarantine bad files with reasons.
+
+    Example: fedecho data add /archive/echo --site-dir /data/fedecho-site --labels site-labels.csv
+    """
+    from fedecho.data.ingest import ingest
+
+    console = Console()
+    if labels is not None and not labels.is_file():
+        raise _fail(console, f"{labels}: no such labels file")
+    try:
+        result = ingest(source, site_dir, kind=kind, labels=labels, progress=True, console=console)
+    except (SourceError, PrivacyError) as e:
+        raise _fail(console, str(e)) from e
+    table = Table(title=f"registered into {site_dir} ({result.source_kind})")
+    for col in ("added", "frames", "already registered", "duplicates", "quarantined"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(len(result.added)),
+        str(result.frames),
+        str(result.already),
+        str(result.duplicates),
+        str(len(result.quarantined)),
+    )
+    console.print(table)
+    if result.quarantined:
+        reasons = Counter(q.reason.value for q in result.quarantined)
+        console.print("  quarantined: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+        rows = [(q.row_id, q.reason.value, q.detail, q.path) for q in result.quarantined]
+        console.print(_quarantine_table("quarantined in this pass", rows, show_paths), highlight=False)
+
+
+def _resolve_paths(source: Path, salt: bytes) -> dict[str, str]:
+    """Salted path hash -> path relative to SOURCE, for every file under it (names stay at the site)."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, names in os.walk(source):
+        dirnames.sort()
+        for name in names:
+            rel = (Path(dirpath) / name).relative_to(source).as_posix()
+            out[pseudonym(salt, "path", rel)] = rel
+    return out
+
+
+@app.command("report")
+def report(
+    site_dir: Path = typer.Option(..., "--site-dir", help="The site folder given to `fedecho data add`."),
+    source: Path | None = typer.Option(
+        None, "--source", exists=True, file_okay=False, help="The original SOURCE: name quarantined files by path."
+    ),
+    limit: int = typer.Option(50, "--problems", min=0, help="How many quarantined files to list."),
+) -> None:
+    """Summarise a site folder's registered data, and list the quarantined files with their reasons.
+
+    Example: fedecho data report --site-dir /data/fedecho-site --source /archive/echo
+    """
+    from fedecho.storage.site_store import SiteStore, SiteStoreMissing
+
+    console = Console()
+    try:
+        store = SiteStore(site_dir, create=False)
+    except SiteStoreMissing as e:
+        raise _fail(console, str(e)) from e
+    with store:
+        summary = store.summary()
+        quarantined = store.files("quarantined")
+        ok = store.files("ok")
+    table = Table(title=f"{site_dir}: registered data")
+    for col in ("files ok", "quarantined", "duplicates", "frames", "patients", "splits", "sources"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(summary["ok"]),
+        str(summary["quarantined"]),
+        str(summary["reasons"].get("duplicate", 0)),
+        str(summary["frames"]),
+        str(summary["patients"]),
+        " ".join(f"{k}:{v}" for k, v in summary["splits"].items()) or "-",
+        " ".join(f"{k}:{v}" for k, v in summary["sources"].items()) or "-",
+    )
+    console.print(table)
+    present = sorted({t for r in ok for t in r.targets})
+    if present:
+        console.print("  targets: " + ", ".join(f"{t} {sum(t in r.targets for r in ok)}" for t in present))
+    if summary["reasons"]:
+        console.print("  quarantined: " + ", ".join(f"{k} {v}" for k, v in summary["reasons"].items()))
+    else:
+        console.print("  quarantined: none")
+    if quarantined and limit:
+        paths: dict[str, str] = {}
+        if source is not None:
+            if not (site_dir / SALT_FILE).is_file():
+                raise _fail(console, f"{site_dir}: no {SALT_FILE}; cannot name files")
+            try:
+                paths = _resolve_paths(source, load_or_create_salt(site_dir))
+            except PrivacyError as e:
+                raise _fail(console, str(e)) from e
+        rows = [(q.id, q.reason, q.detail, paths.get(q.path_hash)) for q in quarantined[:limit]]
+        console.print(_quarantine_table("quarantine", rows, source is not None), highlight=False)
+        if len(quarantined) > limit:
+            console.print(f"  ... and {len(quarantined) - limit} more (--problems N)")

@@ -12,6 +12,7 @@ Same engine settings as the run store: SQLite WAL, foreign keys, BEGIN IMMEDIATE
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -118,6 +119,7 @@ class SiteStore:
             if not create:
                 raise SiteStoreMissing(f"{self.site_dir}: no registered site data (no {DB_NAME}); run fedecho data add")
             self.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # owner only; SQLite's -wal/-shm follow it
         self._engine = _sqlite_engine(f"sqlite:///{db}")
         self._write_engine = self._engine.execution_options(fedecho_write=True)
         self.ensure_tables()
