@@ -61,12 +61,58 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, start time, state) of a process from /proc; None when it is gone (or there is no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ..., starttime (22nd field)
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """pid -> start time of every live descendant of pid (Linux; {} without /proc)."""
+    children: dict[int, list[int]] = {}
+    started: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None and st[2] != "Z":
+                children.setdefault(st[0], []).append(int(entry.name))
+                started[int(entry.name)] = st[1]
+    found: dict[int, int] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = started[child]
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _kill_detached(processes: dict[int, int], grace: float) -> None:
+    """SIGTERM, then SIGKILL after grace, each process still alive and still the same (start time unchanged)."""
+
+    def alive() -> list[int]:
+        return [p for p, t in processes.items() if (st := _stat(p)) is not None and st[1] == t and st[2] != "Z"]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        if wait_for(lambda: not alive(), grace, interval=0.1):
+            return
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
     """Stop a spawned Flower process: SIGINT (it shuts down its own children), then SIGTERM, then SIGKILL.
 
     Returns its exit code. The group is signalled too, so a ClientApp or ServerApp still running in the
-    group does not outlive its parent.
+    group does not outlive its parent. Descendants in sessions of their own are stopped as well: the SuperLink
+    starts its SuperExec with start_new_session, and a ServerApp that the SuperExec started and that is
+    blocked in Flower's retry loop (a push to the SuperLink under way) ignores the SIGINT its parent monitor
+    raises in another thread, so it would outlive the SuperLink for good and could reconnect to a restarted one.
     """
+    detached = descendants(proc.pid) if proc.poll() is None else {}
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -79,6 +125,7 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
     _signal_group(proc, signal.SIGTERM)  # leftovers of the group, if any
+    _kill_detached(detached, grace=5.0)
     return proc.returncode
 
 
