@@ -1,4 +1,4 @@
-"""Federated run files (TOML in `configs/`): [run], [strategy], [model], [data], [pretrain], [finetune].
+"""Federated run files (TOML in `configs/`): [run], [strategy], [model], [data], [pretrain], [finetune], [dp].
 
 A federated run file is the local run config (`fedecho.train.config`) plus what federation adds:
 the run's name, seed and wire precision, the strategy by name with its parameters, and per phase
@@ -37,6 +37,15 @@ class RunSection:
     max_update_norm: float = 0.0  # reject an update whose L2 norm exceeds this (0: no bound)
 
 
+@dataclass(frozen=True)
+class DPSection:
+    """[dp]: DP-SGD at every site, in both phases (each site adds its own floor on the noise and its budget)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # Gaussian noise std / max_grad_norm on each step's summed clipped gradients
+    max_grad_norm: float = 1.0  # per-sample (per-video, or per-patient) L2 clipping bound
+
+
 @dataclass
 class FedPhaseSection(PhaseSection):
     """One federated phase: PhaseSection's optimiser settings, applied per round at each site."""
@@ -55,6 +64,7 @@ class FedRunConfig:
     local: RunConfig  # [model], [data], [pretrain], [finetune] as the local engine reads them
     text: str = ""  # the file's text: it travels to the sites with every round
     path: Path | None = None
+    dp: DPSection = DPSection()
 
     @property
     def strategy_name(self) -> str:
@@ -90,8 +100,9 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
     strategy = raw.get("strategy", {"name": "fedavg"})
     if not isinstance(strategy, dict):
         raise ConfigError(f"{where}: [strategy] must be a table")
-    local = parse_sections(raw, where, FedPhaseSection, frozenset({"run", "strategy"}))
-    cfg = FedRunConfig(run=run, strategy=strategy, local=local, text=text)
+    local = parse_sections(raw, where, FedPhaseSection, frozenset({"run", "strategy", "dp"}))
+    dp = section(DPSection, raw.get("dp", {}), f"{where}: [dp]")
+    cfg = FedRunConfig(run=run, strategy=strategy, local=local, text=text, dp=dp)
     for name in PHASES:
         p = cfg.phase(name)
         for key in ("rounds", "steps", "warmup_rounds", "epochs"):
@@ -101,10 +112,34 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
             raise ConfigError(f"{where}: [{name}] needs epochs or steps > 0 per round")
     if not cfg.phases:
         raise ConfigError(f"{where}: no phase has rounds > 0 (set [pretrain].rounds or [finetune].rounds)")
+    check_dp(cfg, where)
     from fedecho.fl.strategies import check_strategy
 
     check_strategy(cfg.strategy_name, cfg.strategy_params, where)
     return cfg
+
+
+def check_dp(cfg: FedRunConfig, where: str) -> None:
+    """[dp] values, and a fine-tuned model DP-SGD can train (no BatchNorm: per-sample gradients need none)."""
+    dp = cfg.dp
+    if dp.noise_multiplier <= 0:
+        raise ConfigError(f"{where}: [dp].noise_multiplier must be > 0, not {dp.noise_multiplier}")
+    if dp.max_grad_norm <= 0:
+        raise ConfigError(f"{where}: [dp].max_grad_norm must be > 0, not {dp.max_grad_norm}")
+    if not dp.enabled:
+        return
+    for name in cfg.phases:
+        if cfg.phase(name).accumulate != 1:
+            raise ConfigError(f"{where}: [{name}].accumulate must be 1 with [dp] enabled (DP-SGD clips per step)")
+    if "finetune" in cfg.phases:
+        from fedecho.models import model_config
+
+        mc = model_config(cfg.local.model_name, **cfg.local.model_overrides)
+        if mc.stf_norm == "batch" and (mc.fusion == "stf" or mc.head == "mlp"):
+            raise ConfigError(
+                f'{where}: [model].stf_norm must be "group" with [dp] enabled: BatchNorm in STF-Net or the MLP '
+                "head mixes the samples of a batch, so per-sample gradients (DP-SGD) do not exist"
+            )
 
 
 def load_fed_run_config(path: str | Path) -> FedRunConfig:
@@ -139,6 +174,7 @@ __all__ = [
     "PHASES",
     "WIRE_DTYPES",
     "ConfigError",
+    "DPSection",
     "FedPhaseSection",
     "FedRunConfig",
     "RunSection",

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -38,6 +40,12 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": Krum,
 }
 
+# Central DP: Flower's server-side wrappers around the chosen strategy ([strategy] central_dp = "fixed" | "adaptive").
+CENTRAL_DP: dict[str, type[Strategy]] = {
+    "fixed": DifferentialPrivacyServerSideFixedClipping,
+    "adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
+}
+
 # Set by fedecho from [run] (sampling, minimum replies) or fixed by the exchange format.
 _OWNED = {
     "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
@@ -58,9 +66,33 @@ def strategy_parameters(name: str) -> dict[str, Any]:
     return params
 
 
+def central_dp_parameters(kind: str) -> dict[str, Any]:
+    """The parameters a central-DP wrapper takes from [strategy] (beside central_dp), with their defaults."""
+    sig = inspect.signature(CENTRAL_DP[kind].__init__)
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name not in ("self", "strategy", "accountant") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def split_strategy_params(
+    params: dict[str, Any], where: str = "run file"
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """[strategy] parameters -> (central_dp kind or "", the strategy's own, the DP wrapper's)."""
+    kind = params.get("central_dp", "")
+    if not isinstance(kind, str) or kind not in ("", *CENTRAL_DP):
+        raise ConfigError(f"{where}: [strategy].central_dp must be one of {', '.join(map(repr, CENTRAL_DP))}")
+    dp_keys = set(central_dp_parameters(kind)) if kind else set()
+    own = {k: v for k, v in params.items() if k != "central_dp" and k not in dp_keys}
+    wrapper = {k: v for k, v in params.items() if k in dp_keys}
+    return kind, own, wrapper
+
+
 def check_strategy(name: str, params: dict[str, Any], where: str = "run file") -> None:
     if name not in STRATEGIES:
         raise ConfigError(f"{where}: [strategy].name {name!r} is not one of {', '.join(STRATEGIES)}")
+    kind, params, wrapper = split_strategy_params(params, where)
     known = strategy_parameters(name)
     for key, value in params.items():
         if key not in known:
@@ -68,12 +100,20 @@ def check_strategy(name: str, params: dict[str, Any], where: str = "run file") -
             raise ConfigError(f"{where}: [strategy].{key} is not a parameter of {name}{hint}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: [strategy].{key} must be a number, not {value!r}")
+    if kind:
+        for key, default in central_dp_parameters(kind).items():
+            if key not in wrapper and default is inspect.Parameter.empty:
+                raise ConfigError(f"{where}: [strategy].{key} is required with central_dp = {kind!r}")
+        for key, value in wrapper.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}: [strategy].{key} must be a number, not {value!r}")
 
 
 def build_strategy(name: str, params: dict[str, Any], *, fraction: float, min_sites: int) -> Strategy:
     """A Flower strategy that samples `fraction` of the connected sites (at least min_sites) and
     needs min_sites of them connected; fedecho runs federated evaluation itself."""
     check_strategy(name, params)
+    kind, params, wrapper = split_strategy_params(params)
     sampling = {
         "fraction_train": fraction,
         "fraction_evaluate": fraction,
@@ -81,7 +121,13 @@ def build_strategy(name: str, params: dict[str, Any], *, fraction: float, min_si
         "min_evaluate_nodes": min_sites,
         "min_available_nodes": min_sites,
     }
-    return STRATEGIES[name](**sampling, **params)
+    strategy = STRATEGIES[name](**sampling, **params)
+    if not kind:
+        return strategy
+    try:
+        return CENTRAL_DP[kind](strategy, **wrapper)
+    except ValueError as e:  # Flower checks the DP parameters against each other
+        raise ConfigError(f"[strategy] central_dp = {kind!r}: {e}") from e
 
 
 def seed_sampling(seed: int) -> None:
@@ -92,9 +138,18 @@ def seed_sampling(seed: int) -> None:
 _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
 
+def _inner(strategy: Strategy) -> Strategy:
+    """The aggregating strategy inside a central-DP wrapper (the strategy itself otherwise)."""
+    return getattr(strategy, "strategy", strategy) if type(strategy) in CENTRAL_DP.values() else strategy
+
+
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """The strategy's optimiser state as flat arrays ("attr/tensor name" -> array)."""
+    """The strategy's optimiser state as flat arrays ("attr/tensor name" -> array); under central DP also the
+    wrapper's current clipping norm (adaptive clipping moves it every round)."""
     out: dict[str, np.ndarray] = {}
+    if strategy is not _inner(strategy):
+        out["clipping_norm/value"] = np.array([float(strategy.clipping_norm)])  # type: ignore[attr-defined]
+    strategy = _inner(strategy)
     for attr in _STATE_ATTRS:
         value = getattr(strategy, attr, None)
         if isinstance(value, list):  # FedAvgM keeps a list in parameter order
@@ -106,6 +161,9 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
 
 
 def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    if "clipping_norm/value" in state and strategy is not _inner(strategy):
+        strategy.clipping_norm = float(state["clipping_norm/value"][0])  # type: ignore[attr-defined]
+    strategy = _inner(strategy)
     for attr in _STATE_ATTRS:
         prefix = f"{attr}/"
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -45,6 +45,10 @@ class ModelConfig:
     fusion: Literal["stf", "max"] = "stf"
     stf_hidden: int = 1024  # gated-attention hidden size L
     head: Literal["linear", "mlp"] = "linear"
+    # Normalisation in STF-Net's bottlenecks and the MLP head: "batch" (the paper) or "group" (GroupNorm, with
+    # STF-Net's per-slice convolutions kept batch-first), which DP-SGD needs: per-sample gradients cannot
+    # pass through statistics shared across a batch.
+    stf_norm: Literal["batch", "group"] = "batch"
     tasks: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class ModelConfig:
             problems.append(f"fusion must be 'stf' or 'max', not {self.fusion!r}")
         if self.head not in ("linear", "mlp"):
             problems.append(f"head must be 'linear' or 'mlp', not {self.head!r}")
+        if self.stf_norm not in ("batch", "group"):
+            problems.append(f"stf_norm must be 'batch' or 'group', not {self.stf_norm!r}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

@@ -36,12 +36,12 @@ class EchoVisionFM(nn.Module):
         if cfg.tasks:
             if cfg.fusion == "stf":
                 self.fusion: nn.Module = STFNet(
-                    cfg.embed_dim, cfg.grid, cfg.stf_hidden, cfg.tubelet_size, cfg.num_frames
+                    cfg.embed_dim, cfg.grid, cfg.stf_hidden, cfg.tubelet_size, cfg.num_frames, cfg.stf_norm
                 )
             else:
                 self.fusion = MaxPoolFusion(cfg.embed_dim)
             self.heads = nn.ModuleDict(
-                {name: make_head(self.fusion.out_dim, get_task(name), cfg.head) for name in cfg.tasks}
+                {name: make_head(self.fusion.out_dim, get_task(name), cfg.head, cfg.stf_norm) for name in cfg.tasks}
             )
         else:
             self.fusion = None

@@ -69,16 +69,23 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def make_head(in_dim: int, task: Task, kind: Literal["linear", "mlp"]) -> nn.Module:
-    """Linear(in->out), or the paper's MLP 200-BN-ReLU-100-BN-ReLU-out."""
+def make_head(
+    in_dim: int, task: Task, kind: Literal["linear", "mlp"], norm: Literal["batch", "group"] = "batch"
+) -> nn.Module:
+    """Linear(in->out), or the paper's MLP 200-BN-ReLU-100-BN-ReLU-out (norm "group": GroupNorm, for DP-SGD)."""
     if kind == "linear":
         head = nn.Linear(in_dim, task.outputs)
         last = head
     else:
         last = nn.Linear(100, task.outputs)
+
+        def nrm(c: int) -> nn.Module:
+            return nn.BatchNorm1d(c) if norm == "batch" else nn.GroupNorm(math.gcd(32, c), c)
+
+        inplace = norm == "batch"  # Opacus' backward hooks forbid editing a hooked layer's output in place
         head = nn.Sequential(
-            nn.Linear(in_dim, 200), nn.BatchNorm1d(200), nn.ReLU(inplace=True),
-            nn.Linear(200, 100), nn.BatchNorm1d(100), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, 200), nrm(200), nn.ReLU(inplace=inplace),
+            nn.Linear(200, 100), nrm(100), nn.ReLU(inplace=inplace),
             last,
         )  # fmt: skip
     nn.init.zeros_(last.weight)

@@ -10,6 +10,8 @@ with `view` in place of a permute, this implementation permutes explicitly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,20 +32,38 @@ class GatedAttentionPool(nn.Module):
         return (torch.softmax(a, dim=1) * x).sum(dim=1)
 
 
-class Bottleneck(nn.Module):
-    """1x1 C->C/2, BN, ReLU; 3x3 C/2->C/2, BN, ReLU; 1x1 C/2->C, BN; + input; ReLU (2-D or 3-D)."""
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide the channels (per sample: DP-SGD compatible)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
-    def __init__(self, dim: int, spatial_dims: int):
+
+class Bottleneck(nn.Module):
+    """1x1 C->C/2, norm, ReLU; 3x3 C/2->C/2, norm, ReLU; 1x1 C/2->C, norm; + input; ReLU (2-D or 3-D).
+
+    norm "batch": BatchNorm (the paper). norm "group": GroupNorm, and with `per_slice` the 2-D block is
+    written as 3-D convolutions with kernels (1, k, k) on (B, C, T, H, W), the same per-slice operation
+    with the batch kept first (Opacus computes per-sample gradients layer by layer from batch-first inputs).
+    ReLUs are in-place only with BatchNorm: Opacus' backward hooks forbid editing a hooked layer's output.
+    """
+
+    def __init__(self, dim: int, spatial_dims: int, norm: str = "batch", per_slice: bool = False):
         super().__init__()
-        conv, bn = (nn.Conv3d, nn.BatchNorm3d) if spatial_dims == 3 else (nn.Conv2d, nn.BatchNorm2d)
         mid = dim // 2
+        if norm == "batch":
+            conv, bn = (nn.Conv3d, nn.BatchNorm3d) if spatial_dims == 3 else (nn.Conv2d, nn.BatchNorm2d)
+            k3: int | tuple[int, int, int] = 3
+            pad: int | tuple[int, int, int] = 1
+        else:
+            conv, bn = (nn.Conv3d, group_norm) if spatial_dims == 3 or per_slice else (nn.Conv2d, group_norm)
+            k3, pad = ((1, 3, 3), (0, 1, 1)) if per_slice else (3, 1)
+        inplace = norm == "batch"
         self.body = nn.Sequential(
             conv(dim, mid, 1, bias=False),
             bn(mid),
-            nn.ReLU(inplace=True),
-            conv(mid, mid, 3, padding=1, bias=False),
+            nn.ReLU(inplace=inplace),
+            conv(mid, mid, k3, padding=pad, bias=False),
             bn(mid),
-            nn.ReLU(inplace=True),
+            nn.ReLU(inplace=inplace),
             conv(mid, dim, 1, bias=False),
             bn(dim),
         )
@@ -64,16 +84,23 @@ def sinusoid_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
 
 
 class STFNet(nn.Module):
-    def __init__(self, dim: int, grid: tuple[int, int, int], hidden: int, tubelet: int, num_frames: int):
+    def __init__(
+        self, dim: int, grid: tuple[int, int, int], hidden: int, tubelet: int, num_frames: int, norm: str = "batch"
+    ):
         super().__init__()
         self.grid, self.tubelet, self.num_frames = grid, tubelet, num_frames
         _t, h, w = grid
+        # GroupNorm models keep the batch first in the separate path (see Bottleneck): DP-SGD can train them.
+        self.batch_first = norm == "group"
         self.register_buffer("pos3d", sinusoid_3d(grid, dim), persistent=False)
-        self.joint = Bottleneck(dim, 3)
+        self.joint = Bottleneck(dim, 3, norm)
         self.joint_pool = GatedAttentionPool(dim, hidden)
-        self.separate = Bottleneck(dim, 2)
-        self.collapse = nn.Conv2d(dim, dim, kernel_size=(h, w))
-        self.temporal = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.separate = Bottleneck(dim, 2, norm, per_slice=self.batch_first)
+        if self.batch_first:
+            self.collapse: nn.Module = nn.Conv3d(dim, dim, kernel_size=(1, h, w))
+        else:
+            self.collapse = nn.Conv2d(dim, dim, kernel_size=(h, w))
+        self.temporal = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.time_pool = GatedAttentionPool(dim, hidden)
         self.out_dim = 2 * dim
 
@@ -97,8 +124,11 @@ class STFNet(nn.Module):
         j = self.joint(j).permute(0, 2, 3, 4, 1).reshape(b, n, c)
         global_vec = self.joint_pool(j)
         # Separate path: spatial per slice, then temporal -> fine vector.
-        s = x.permute(0, 1, 4, 2, 3).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        s = self.collapse(self.separate(s)).reshape(b, t, c)
+        if self.batch_first:  # (B, C, T, H, W) through (1, k, k) kernels: the same per-slice operation
+            s = self.collapse(self.separate(x.permute(0, 4, 1, 2, 3))).reshape(b, c, t).transpose(1, 2)
+        else:
+            s = x.permute(0, 1, 4, 2, 3).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+            s = self.collapse(self.separate(s)).reshape(b, t, c)
         s = s + self.temporal(self.temporal_code(frame_index, b, c, s.device, s.dtype))
         fine_vec = self.time_pool(s)
         return torch.cat([global_vec, fine_vec], dim=1)

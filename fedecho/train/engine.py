@@ -103,6 +103,9 @@ class Trainer:
         self.updates = 0
         # An extra loss term added at every step (FedProx's proximal term; the local engine stays unchanged).
         self.regularizer: Callable[[], torch.Tensor] | None = None
+        # What a step on an empty batch does (DP-SGD's Poisson sampling can draw none: the noisy step still
+        # happens, `fedecho.privacy.dp`); None: an empty batch is an error.
+        self.empty_batch: Callable[[], None] | None = None
 
     def loss(self, video: torch.Tensor, info: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         if self.phase == "pretrain":
@@ -116,7 +119,7 @@ class Trainer:
         """One pass over loader (or max_steps batches); deterministic in (seed, epoch)."""
         self.model.train()
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
-        total, steps, examples = 0.0, 0, 0
+        total, steps, examples, losses = 0.0, 0, 0, 0
         t0 = time.time()
         self.optimizer.zero_grad(set_to_none=True)
         n = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
@@ -125,27 +128,33 @@ class Trainer:
         with _progress(progress) as bar:
             task = bar.add_task(f"{self.phase} epoch {self.epoch + 1}", total=n, status="")
             for video, info in loader:
-                video = video.to(self.device, non_blocking=True)
-                with autocast(self.device):
-                    loss = self.loss(video, info, gen)
-                    if self.regularizer is not None:
-                        loss = loss + self.regularizer()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.phase} loss became {loss.item()} at epoch {self.epoch + 1}")
-                (loss / self.cfg.accumulate).backward()
+                if not video.shape[0]:
+                    if self.empty_batch is None:
+                        raise ValueError("the loader gave an empty batch")
+                    self.empty_batch()
+                else:
+                    video = video.to(self.device, non_blocking=True)
+                    with autocast(self.device):
+                        loss = self.loss(video, info, gen)
+                        if self.regularizer is not None:
+                            loss = loss + self.regularizer()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{self.phase} loss became {loss.item()} at epoch {self.epoch + 1}")
+                    (loss / self.cfg.accumulate).backward()
+                    examples += video.shape[0]
+                    total += loss.item()
+                    losses += 1
                 steps += 1
-                examples += video.shape[0]
-                total += loss.item()
                 if steps % self.cfg.accumulate == 0:
                     self._update()
-                bar.update(task, advance=1, status=f"loss {total / steps:.4f}")
+                bar.update(task, advance=1, status=f"loss {total / max(losses, 1):.4f}")
                 if max_steps is not None and steps >= max_steps:
                     break
         if steps % self.cfg.accumulate:  # a last, partial accumulation group
             self._update()
         self.epoch += 1
         lr = float(self.optimizer.param_groups[0]["lr"])
-        return EpochResult(total / max(steps, 1), steps, examples, time.time() - t0, lr)
+        return EpochResult(total / max(losses, 1), steps, examples, time.time() - t0, lr)
 
     def _update(self) -> None:
         self.optimizer.step()

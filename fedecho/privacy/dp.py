@@ -1,0 +1,245 @@
+"""DP-SGD at the site (Opacus): per-sample clipping and Gaussian noise on every local step.
+
+The privacy unit is one training video: each step Poisson-samples every video independently with rate
+q = batch_size / videos, so one video's presence changes what a round releases by at most (epsilon,
+delta). A patient with k videos is protected only by group privacy (roughly k times epsilon, worse in
+delta). With `group_by_patient` (and patient ids in the data) the unit is a patient: patients are
+sampled, and the gradients of all of a patient's videos in a batch are averaged into one per-patient
+gradient before it is clipped, so the bound holds per patient.
+
+How a round becomes private: `plan_round` decides noise, clipping, sample rate and steps from the site's
+policy and the run file; the site's ledger (`fedecho.privacy.ledger`) reserves the round's privacy cost
+before training; `PrivateTraining` then attaches Opacus (`GradSampleModule` hooks on the model,
+`DPOptimizer` around the Trainer's own optimizer) and a Poisson loader to an unchanged `Trainer`.
+Sampling and noise draw from the operating system's entropy, never from the run's seed: the server
+knows that seed, and noise it could regenerate would protect nothing (so DP rounds are not bitwise
+reproducible).
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from fedecho.privacy.dp_policy import DPPlan, PrivacyRefused
+from fedecho.train.engine import Trainer
+
+# The tubelet embedding's input (the video) needs no gradient; Opacus' hooks still see its output's: harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to")
+
+
+def batchnorm_layers(model: nn.Module) -> list[str]:
+    """Trainable layers that DP-SGD cannot train (BatchNorm mixes samples), as Opacus' validator sees them."""
+    return [str(e) for e in ModuleValidator.validate(model, strict=False)]
+
+
+def check_private_model(model: nn.Module) -> None:
+    """Fail clearly before any training when the model cannot be trained with DP-SGD."""
+    problems = batchnorm_layers(model)
+    if problems:
+        raise PrivacyRefused(
+            "DP-SGD cannot train this model: " + "; ".join(problems[:3])
+            + ' (set [model] stf_norm = "group" in the run file: GroupNorm in STF-Net and the MLP head)'
+        )  # fmt: skip
+
+
+def _secret_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+class _Indexed(Dataset):
+    """The training set with each item's index in its info (to map videos to privacy units)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        video, info = self.dataset[i]
+        return video, {**info, "dp_index": i}
+
+
+def _collate(batch: list[Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    if not batch:  # Poisson sampling drew nobody: the step still happens (noise only)
+        return torch.zeros(0), {}
+    return default_collate(batch)  # type: ignore[no-any-return]
+
+
+class PoissonBatches:
+    """`steps` batches, each unit in with probability q independently (Opacus' analysis assumes this)."""
+
+    def __init__(self, dataset: Any, plan: DPPlan, workers: int = 0):
+        self.plan, self.gen = plan, _secret_generator()
+        self.loader = DataLoader(_Indexed(dataset), batch_sampler=self, collate_fn=_collate, num_workers=workers)
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.plan.units)
+        for _ in range(self.plan.steps):
+            chosen = torch.nonzero(torch.rand(n, generator=self.gen) < self.plan.sample_rate).flatten().tolist()
+            yield [i for u in chosen for i in self.plan.units[u]]
+
+
+class _UnitDPOptimizer(DPOptimizer):
+    """DPOptimizer whose per-sample gradients are first averaged per privacy unit (patient-level DP)."""
+
+    unit_of: torch.Tensor | None = None  # training-set index -> unit number (None: a unit is a video)
+    batch_index: torch.Tensor | None = None  # training-set indices of the current batch
+
+    def clip_and_accumulate(self) -> None:
+        if self.unit_of is not None and self.batch_index is not None and len(self.batch_index):
+            _, units = torch.unique(self.unit_of[self.batch_index], return_inverse=True)
+            counts = torch.bincount(units).float()
+            for p in self.params:
+                g = self._get_flat_grad_sample(p)
+                u = units.to(g.device)
+                per_unit = g.new_zeros((len(counts), *g.shape[1:])).index_add_(0, u, g)
+                p.grad_sample = per_unit / counts.to(g.device).view(-1, *([1] * (g.ndim - 1)))
+        super().clip_and_accumulate()
+
+
+class PrivateTraining:
+    """Makes a Trainer's steps DP-SGD steps; use as a context manager around the round's training.
+
+    The Trainer itself is unchanged: Opacus' hooks sit on the model's layers (so `Trainer.loss` still calls
+    `model.forward_pretrain` / `model(...)`), the Trainer's optimizer is wrapped, and the regulariser (FedProx's
+    proximal term, data-independent) is added to the privatised gradient instead of to the per-sample loss.
+    In pre-training the decoder's mask token stays fixed: Opacus computes per-sample gradients layer by
+    layer and a bare parameter belongs to no layer.
+    """
+
+    def __init__(self, trainer: Trainer, plan: DPPlan):
+        if trainer.cfg.accumulate != 1:
+            raise PrivacyRefused("DP-SGD does not combine with gradient accumulation (set accumulate = 1)")
+        check_private_model(trainer.model)
+        self.trainer, self.plan = trainer, plan
+        model = trainer.model
+        decoder = getattr(model, "decoder", None)
+        if decoder is not None and isinstance(getattr(decoder, "mask_token", None), nn.Parameter):
+            decoder.mask_token.requires_grad_(False)
+        self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.optimizer = _UnitDPOptimizer(
+            trainer.optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.batch_size,
+            loss_reduction="mean",
+            generator=_secret_generator(),
+        )
+        if plan.unit == "patient":
+            unit_of = torch.empty(sum(len(u) for u in plan.units), dtype=torch.long)
+            for k, u in enumerate(plan.units):
+                unit_of[list(u)] = k
+            self.optimizer.unit_of = unit_of
+        self._saved: dict[str, Any] = {}
+
+    def loader(self, dataset: Any, workers: int = 0) -> DataLoader:
+        """The round's Poisson-sampled batches (exactly plan.steps of them, some possibly empty)."""
+        dataset.set_epoch(0)
+        return PoissonBatches(dataset, self.plan, workers).loader
+
+    def __enter__(self) -> PrivateTraining:
+        t = self.trainer
+        self._saved = {"optimizer": t.optimizer, "regularizer": t.regularizer, "empty_batch": t.empty_batch}
+        regularizer = t.regularizer
+        if regularizer is not None:
+            self.optimizer.attach_step_hook(_add_regularizer(regularizer))
+        t.optimizer, t.regularizer, t.empty_batch = self.optimizer, None, self._empty_batch
+        original_loss = t.loss
+
+        def loss(video: torch.Tensor, info: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+            self.optimizer.batch_index = info.get("dp_index")
+            return original_loss(video, info, generator)
+
+        t.loss = loss  # type: ignore[method-assign]
+        return self
+
+    def _empty_batch(self) -> None:
+        """An empty Poisson batch: zero per-sample gradients, so the step adds noise only."""
+        self.optimizer.batch_index = None
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+    def __exit__(self, *exc: object) -> None:
+        t = self.trainer
+        t.optimizer, t.regularizer, t.empty_batch = (
+            self._saved["optimizer"], self._saved["regularizer"], self._saved["empty_batch"],
+        )  # fmt: skip
+        del t.loss  # back to the class's method
+        self.gsm.cleanup()  # hooks off, Opacus' attributes gone: the model is a plain model again
+        for p in t.model.parameters():
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+
+
+def _add_regularizer(regularizer: Callable[[], torch.Tensor]) -> Callable[[DPOptimizer], None]:
+    def hook(optimizer: DPOptimizer) -> None:
+        params = optimizer.params
+        with torch.enable_grad():
+            grads = torch.autograd.grad(regularizer(), params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None and p.grad is not None:
+                p.grad += g
+
+    return hook
+
+
+def train_private_round(
+    trainer: Trainer,
+    dataset: Any,
+    plan: DPPlan,
+    state: Any,
+    *,
+    run: str,
+    phase: str,
+    server_round: int,
+    epsilon_max: float,
+    workers: int = 0,
+) -> tuple[Any, dict[str, float]]:
+    """One round of DP-SGD, reserved in the site's ledger before it trains; returns (EpochResult, metrics).
+
+    Metrics: the site's total epsilon at its delta after this round (all rounds, runs and restarts), the
+    delta, and the noise, sample rate and steps used: the server stores them per site.
+    """
+    from fedecho.privacy.ledger import PrivacyLedger
+
+    check_private_model(trainer.model)  # refuse before anything is reserved
+    with PrivacyLedger(state) as ledger:
+        entry, _ = ledger.reserve(
+            run=run, phase=phase, round=server_round, noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta, epsilon_max=epsilon_max, unit=plan.unit,
+        )  # fmt: skip
+        with PrivateTraining(trainer, plan) as private:
+            result = trainer.train_epoch(private.loader(dataset, workers))
+        ledger.spend(entry)
+        epsilon = ledger.epsilon(plan.delta)
+    metrics = {
+        "epsilon": epsilon,
+        "delta": plan.delta,
+        "dp_noise_multiplier": plan.noise_multiplier,
+        "dp_sample_rate": plan.sample_rate,
+        "dp_steps": float(plan.steps),
+    }
+    return result, metrics
+
+
+__all__ = [
+    "PrivateTraining",
+    "batchnorm_layers",
+    "check_private_model",
+    "train_private_round",
+]

@@ -1,0 +1,162 @@
+"""A site's differential-privacy policy ([privacy] in site.toml): light to import (no torch, no Opacus).
+
+The site decides, the run file cannot weaken it: whether every round must use DP-SGD, the budget
+epsilon_max at the site's delta (enforced by the site's ledger, `fedecho.privacy.ledger`), the least
+noise it accepts, and whether the privacy unit is a patient rather than a video.
+
+    [privacy]
+    dp = "required"             # "optional": DP-SGD when the run file asks; "required": always
+    epsilon_max = 8.0           # the site's total budget over all runs (0: no cap, still accounted)
+    delta = 1e-5                # delta of every epsilon this site reports (take it below 1 / patients)
+    min_noise_multiplier = 1.0  # a floor on the noise; with "required", the noise when a run sets none
+    max_grad_norm = 1.0         # the clipping bound when a run sets none
+    group_by_patient = false    # privacy unit = a patient (needs patient ids in the data)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from fedecho._toml import Table
+
+if TYPE_CHECKING:
+    from fedecho.fl.config import DPSection
+
+DP_MODES = ("optional", "required")
+# Reply metrics that describe one site's privacy: stored per site, never averaged across sites.
+PRIVACY_METRICS = frozenset({"epsilon", "delta", "dp_noise_multiplier", "dp_sample_rate", "dp_steps"})
+
+
+class PrivacyRefused(Exception):
+    """The site's privacy policy or budget does not allow this round (the server records a refusal)."""
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """A site's own privacy rules; see the module docstring for each field."""
+
+    dp: Literal["optional", "required"] = "optional"
+    epsilon_max: float = 0.0
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    group_by_patient: bool = False
+
+    def __post_init__(self) -> None:
+        for field, message in policy_problems(vars(self)):
+            raise ValueError(f"[privacy].{field} {message}")
+
+
+def policy_problems(v: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, what is wrong) for each bad value of a policy."""
+    out = []
+    if v["dp"] not in DP_MODES:
+        out.append(("dp", f"must be one of {', '.join(map(repr, DP_MODES))}, not {v['dp']!r}"))
+    if v["epsilon_max"] < 0:
+        out.append(("epsilon_max", f"must be >= 0, not {v['epsilon_max']}"))
+    if not 0 < v["delta"] < 1:
+        out.append(("delta", f"must be in (0, 1), not {v['delta']}"))
+    if v["min_noise_multiplier"] < 0:
+        out.append(("min_noise_multiplier", f"must be >= 0, not {v['min_noise_multiplier']}"))
+    if v["dp"] == "required" and v["min_noise_multiplier"] <= 0:
+        out.append(("min_noise_multiplier", 'must be > 0 with dp = "required" (the noise when a run sets none)'))
+    if v["max_grad_norm"] <= 0:
+        out.append(("max_grad_norm", f"must be > 0, not {v['max_grad_norm']}"))
+    return out
+
+
+DEFAULT_PRIVACY = PrivacyPolicy()
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """One round of DP-SGD at one site, fixed before training so that it can be reserved in the ledger."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    batch_size: int  # expected privacy units per batch
+    units: tuple[tuple[int, ...], ...]  # training-set indices of each privacy unit
+    unit: Literal["video", "patient"]
+    delta: float
+
+
+def privacy_units(groups: list[str | None], by_patient: bool) -> tuple[tuple[int, ...], ...]:
+    """Training-set indices grouped into privacy units: one video each, or all videos of one patient."""
+    if not by_patient:
+        return tuple((i,) for i in range(len(groups)))
+    missing = sum(g is None or g == "" for g in groups)
+    if missing:
+        raise PrivacyRefused(
+            f"group_by_patient = true but {missing} of {len(groups)} training videos have no patient id "
+            "(the data source does not record patients)"
+        )
+    units: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        units.setdefault(str(g), []).append(i)
+    return tuple(tuple(v) for v in units.values())
+
+
+def plan_round(
+    policy: PrivacyPolicy,
+    run_dp: DPSection,
+    groups: list[str | None],
+    batch_size: int,
+    steps: int,
+    epochs: int,
+) -> DPPlan | None:
+    """The round's DP-SGD settings, or None when neither the site nor the run asks for DP.
+
+    A run asking for less noise than the site's minimum trains at the site's minimum: the site's policy
+    is a floor the run cannot lower, and the noise used is reported with the reply (`dp_noise_multiplier`).
+    """
+    if policy.dp != "required" and not run_dp.enabled:
+        return None
+    if run_dp.enabled:
+        noise, clip = max(run_dp.noise_multiplier, policy.min_noise_multiplier), run_dp.max_grad_norm
+    else:
+        noise, clip = policy.min_noise_multiplier, policy.max_grad_norm
+    if noise <= 0:
+        raise PrivacyRefused("DP-SGD needs a noise multiplier > 0")
+    units = privacy_units(groups, policy.group_by_patient)
+    if not units:
+        raise PrivacyRefused("no training videos")
+    expected = min(batch_size, len(units))
+    q = expected / len(units)
+    n_steps = steps if steps > 0 else max(1, epochs) * math.ceil(len(units) / expected)
+    unit: Literal["video", "patient"] = "patient" if policy.group_by_patient else "video"
+    return DPPlan(noise, clip, q, n_steps, expected, units, unit, policy.delta)
+
+
+def parse_privacy(raw: dict[str, Any], path: Path) -> PrivacyPolicy:
+    """[privacy] of a site.toml (optional: the defaults above); mistakes name the file and the field."""
+    t = Table(raw, path, "privacy", required=False)
+    values = {
+        "dp": t.choice("dp", DP_MODES, "optional"),
+        "epsilon_max": t.number("epsilon_max", 0.0),
+        "delta": t.number("delta", 1e-5),
+        "min_noise_multiplier": t.number("min_noise_multiplier", 0.0),
+        "max_grad_norm": t.number("max_grad_norm", 1.0),
+        "group_by_patient": t.flag("group_by_patient", False),
+    }
+    t.finish()
+    for key, message in policy_problems(values):
+        raise t.error(key, message)
+    return PrivacyPolicy(**values)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "DEFAULT_PRIVACY",
+    "DP_MODES",
+    "PRIVACY_METRICS",
+    "DPPlan",
+    "PrivacyPolicy",
+    "PrivacyRefused",
+    "parse_privacy",
+    "plan_round",
+    "privacy_units",
+]
