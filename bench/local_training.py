@@ -1,10 +1,14 @@
-"""Local training on the phantom: pre-training + EF fine-tuning of echo_vit_tiny on 2 CPU cores,
-and whether pre-training helps when labels are few (10 % of the training videos).
+"""Local training on the phantom: pre-training + EF fine-tuning of echo_vit_tiny on CPU, and
+whether pre-training helps when labels are few (10 % of the training videos).
 
-    python bench/local_training.py --videos 300
+    python bench/local_training.py --videos 300 --unlabeled 600 --pretrain-epochs 60 --seeds 0,1 --threads 1
 
+Every phantom video has its own acquisition (depth, sector width, gain, compression, noise, probe
+position: fedecho.synth.phantom.vary_acquisition), as real studies do; --fixed-acquisition renders
+every video with the one reference scanner setting instead (an easier, homogeneous task).
 Pre-training runs on a separate unlabeled phantom pool (--unlabeled videos, another seed), then
-fine-tuning on the labelled phantom's TRAIN split; all runs report test EF MAE with test-time averaging:
+fine-tuning on the labelled phantom's TRAIN split, once per --seeds seed (the seed also draws the
+10 % subset); all runs report test EF MAE with test-time averaging, mean over seeds:
   mean predictor | scratch, all labels | pre-trained, all labels | scratch, 10 % | pre-trained, 10 %
 """
 
@@ -13,15 +17,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from fedecho.data import open_source
 from fedecho.synth import synthesize
 from fedecho.train import load_run_config, train_phase
+from fedecho.train.run import read_metrics
+
+
+def train_seconds(folder: Path) -> float:
+    """Training time of a run from its per-epoch records, so a resumed (already finished) run reports it too."""
+    return float(sum(r.get("seconds", 0.0) for r in read_metrics(folder) if r.get("phase") != "test"))
 
 
 def main() -> None:
@@ -32,13 +42,20 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--unlabeled", type=int, default=600, help="unlabeled phantom videos for pre-training (0: none)")
+    p.add_argument("--seeds", type=str, default="0,1", help="fine-tuning seeds (comma-separated)")
+    p.add_argument("--fixed-acquisition", action="store_true", help="one scanner setting for every video")
+    p.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads")
     p.add_argument("--work", type=Path, default=Path("bench/work/local_training"))
     p.add_argument("--out", type=Path, default=Path("bench/results/local_training.json"))
     args = p.parse_args()
-    torch.set_num_threads(2)
-    data = args.work / f"phantom-{args.videos}"
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    vary = not args.fixed_acquisition
+    tag = "-varied" if vary else ""
+    data = args.work / f"phantom-{args.videos}{tag}"
     if not (data / "FileList.csv").is_file():
-        synthesize(data, videos=args.videos, sites=1, fmt="echonet", seed=0)
+        synthesize(data, videos=args.videos, sites=1, fmt="echonet", seed=0, vary=vary)
     base = load_run_config(args.config)
     base.data.root, base.data.cache = str(data), str(args.work / "cache")
     if args.pretrain_epochs:
@@ -49,33 +66,43 @@ def main() -> None:
     train_ef = [r.targets["ef"] for r in scan.records if r.split == "train"]
     test_ef = np.array([r.targets["ef"] for r in scan.records if r.split == "test"])
     baseline = float(np.abs(test_ef - np.mean(train_ef)).mean())
-    results: dict[str, dict[str, float]] = {"mean predictor": {"ef_mae": baseline}}
+    results: dict[str, dict] = {"mean predictor": {"ef_mae": baseline}}
     # Pre-training sees a separate, larger unlabeled pool (another seed: other patients), as a
     # foundation model does; with --unlabeled 0 it uses the labelled set's training videos.
-    pool = args.work / f"unlabeled-{args.unlabeled}"
+    pool = args.work / f"unlabeled-{args.unlabeled}{tag}"
     if args.unlabeled and not (pool / "FileList.csv").is_file():
-        synthesize(pool, videos=args.unlabeled, sites=1, fmt="echonet", seed=1)
-    t0 = time.time()
-    pre = args.work / f"pretrain-{args.unlabeled}-{base.pretrain.epochs}"
+        synthesize(pool, videos=args.unlabeled, sites=1, fmt="echonet", seed=1, vary=vary)
+    pre = args.work / f"pretrain-{args.unlabeled}{tag}-{base.pretrain.epochs}"
     train_phase(base, "pretrain", pre, data=pool if args.unlabeled else None, resume=True, progress=False)
-    pretrain_s = time.time() - t0
+    pretrain_s = train_seconds(pre)
     for label, fraction, init in (
         ("scratch, all labels", 1.0, None),
         ("pre-trained, all labels", 1.0, pre / "model.safetensors"),
         (f"scratch, {args.fraction:.0%} labels", args.fraction, None),
         (f"pre-trained, {args.fraction:.0%} labels", args.fraction, pre / "model.safetensors"),
     ):
-        cfg = copy.deepcopy(base)
-        cfg.data.label_fraction = fraction
-        if fraction < 1:  # equal number of updates: more epochs over fewer videos
-            cfg.finetune.epochs = round(cfg.finetune.epochs / fraction / 2)
-        t = time.time()
-        folder = args.work / f"{pre.name}-{label.replace(' ', '_').replace(',', '').replace('%', 'pct')}"
-        rec = train_phase(cfg, "finetune", folder, init=init, resume=True, progress=False)
-        results[label] = {"ef_mae": rec["ef_mae"], "ef_r2": rec["ef_r2"], "seconds": round(time.time() - t, 1)}
-        print(label, results[label], flush=True)
+        runs = []
+        for seed in seeds:
+            cfg = copy.deepcopy(base)
+            cfg.data.label_fraction = fraction
+            cfg.finetune.seed = seed
+            if fraction < 1:  # equal number of updates: more epochs over fewer videos
+                cfg.finetune.epochs = round(cfg.finetune.epochs / fraction / 2)
+            name = label.replace(" ", "_").replace(",", "").replace("%", "pct")
+            folder = args.work / f"{pre.name}-{name}-seed{seed}"
+            rec = train_phase(cfg, "finetune", folder, init=init, resume=True, progress=False)
+            secs = train_seconds(folder)
+            runs.append({"seed": seed, "ef_mae": rec["ef_mae"], "ef_r2": rec["ef_r2"], "seconds": secs})
+            print(label, runs[-1], flush=True)
+        results[label] = {
+            "ef_mae": float(np.mean([r["ef_mae"] for r in runs])),
+            "ef_r2": float(np.mean([r["ef_r2"] for r in runs])),
+            "seconds": round(float(np.mean([r["seconds"] for r in runs])), 1),
+            "seeds": runs,
+        }
     summary = {
         "videos": args.videos, "train_videos": len(train_ef), "test_videos": len(test_ef), "unlabeled": args.unlabeled,
+        "acquisition": "varied per video" if vary else "fixed", "seeds": seeds, "threads": args.threads,
         "pretrain_epochs": base.pretrain.epochs, "finetune_epochs": base.finetune.epochs,
         "pretrain_seconds": round(pretrain_s, 1), "results": results,
     }  # fmt: skip
@@ -83,12 +110,14 @@ def main() -> None:
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     pool_text = f"{args.unlabeled} unlabeled videos (75 % used)" if args.unlabeled else "the training videos"
     print(f"\npre-training: {base.pretrain.epochs} epochs on {pool_text}, {pretrain_s / 60:.1f} min\n")
-    print("| run (echo_vit_tiny, STF-Net) | test EF MAE | R2 | fine-tune time |")
-    print("|---|---|---|---|")
+    head = f"| run (echo_vit_tiny, STF-Net) | test EF MAE, seeds {args.seeds} | per seed | R2 | fine-tune time |"
+    print(head)
+    print("|---|---|---|---|---|")
     for label, r in results.items():
+        per_seed = " / ".join(f"{s['ef_mae']:.2f}" for s in r.get("seeds", [])) or "-"
         r2 = f"{r['ef_r2']:.2f}" if "ef_r2" in r else "-"
         secs = f"{r['seconds'] / 60:.1f} min" if "seconds" in r else "-"
-        print(f"| {label} | {r['ef_mae']:.2f} | {r2} | {secs} |")
+        print(f"| {label} | {r['ef_mae']:.2f} | {per_seed} | {r2} | {secs} |")
 
 
 if __name__ == "__main__":
