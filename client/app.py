@@ -9,6 +9,7 @@ name. `app` serves `fedecho client start` (the site is read from the SuperNode's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from fedecho._env import set_torch_threads
+from fedecho.client.audit import audit_message, manifest_sha256
 from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
+from fedecho.client.policy import enforce
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.exchange import UpdateError, decode, encode
 
@@ -57,6 +60,7 @@ def site_from_node_config(context: Context) -> Site:
         state=Path(s.state),
         labels=str(getattr(s, "labels", "") or ""),
         device=None if device in ("", "auto") else device,
+        policy=s.policy,
     )
 
 
@@ -82,7 +86,10 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         except (KeyError, ValueError, UpdateError) as e:
             return _error(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
         info = ConfigRecord({"site": site.name})
+        manifest = None
         try:
+            allowed = enforce(site, cfg, phase, train)  # the site's policy, before any data access
+            manifest = manifest_sha256(site.data, site.labels)
             if train:
                 update, metrics = site_train(cfg, phase, received, site, options)
                 content = RecordDict(
@@ -95,13 +102,22 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             else:
                 metrics = site_evaluate(cfg, phase, received, site, options)
                 content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
+            eps = metrics.get("epsilon")
+            audit_message(site, msg, options, "allowed", allowed, manifest=manifest, epsilon=eps,
+                          update=content["arrays"] if train else None)  # fmt: skip
         except Refused as e:
             log.warning("site %s refused: %s", site.name, e)
+            with contextlib.suppress(Exception):  # the refusal goes out even if the log cannot be written
+                audit_message(site, msg, options, "refused", str(e), manifest=manifest)
             return _error(msg, ERROR_REFUSED, f"refused by site {site.name}: {e}")
         except MissingFrozen as e:
+            with contextlib.suppress(Exception):
+                audit_message(site, msg, options, "failed", str(e), manifest=manifest)
             return _error(msg, ERROR_MISSING_FROZEN, str(e))
         except Exception as e:
             log.exception("site %s: %s failed", site.name, "training" if train else "evaluation")
+            with contextlib.suppress(Exception):
+                audit_message(site, msg, options, "failed", f"{type(e).__name__}: {e}", manifest=manifest)
             return _error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__}: {e}")
         return Message(content, reply_to=msg)
 

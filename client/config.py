@@ -14,6 +14,7 @@ from typing import Any
 
 from fedecho._proc import is_loopback
 from fedecho._toml import Table, read_toml
+from fedecho.client.policy import DEFAULT_POLICY, SitePolicy, parse_policy
 from fedecho.security.certs import CertError, split_host_port
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -38,6 +39,7 @@ class SiteConfig:
     public_key: Path | None
     supernode_host: str
     supernode_port: int
+    policy: SitePolicy = DEFAULT_POLICY  # [policy]: what this site agrees to do (fedecho.client.policy)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole file, for the ClientApp's own tables
 
     @property
@@ -85,6 +87,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         public_key=link.optional_location("public_key"),
         supernode_host=node.text("host", "127.0.0.1"),
         supernode_port=node.integer("port", DEFAULT_SUPERNODE_PORT, minimum=1),
+        policy=parse_policy(raw, path),
         raw=raw,
     )
     if cfg.supernode_port > 65535:

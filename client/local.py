@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fedecho.client.policy import SitePolicy
 from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
@@ -35,6 +36,7 @@ class Site:
     labels: str = ""
     device: str | None = None
     partition: tuple[int, int] | None = None  # simulation: the k-th of n virtual hospitals of one dataset
+    policy: SitePolicy | None = None  # [policy] of site.toml; None: the default policy (fedecho.client.policy)
 
 
 class MissingFrozen(RuntimeError):

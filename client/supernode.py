@@ -1,16 +1,21 @@
 """Run a hospital's Flower SuperNode: argv and environment from site.toml, start, connection check, stop.
 
 The SuperNode dials the SuperLink over TLS (trusting only the federation CA), signs its requests with the
-site's private key (the coordinator registered the public one), and starts one ClientApp process per
-message (`--isolation subprocess`) on its own local Runtime API port. The ClientApp learns where the site's
-settings are from the node config key `site-config` (absolute path of site.toml), written to a small
-TOML file so that any path survives quoting.
+site's private key (the coordinator registered the public one), and serves its local Runtime API port with
+`--isolation process`: the ClientApp processes are started not by Flower but by the site's own runner
+(`fedecho.client.runtime`, in the SuperNode's process group), which judges each run's app bundle before any
+of its code is installed (code approval). The runner's task requests are signed with a secret in the state
+folder (mode 0600). The ClientApp learns where the site's settings are from the node config key
+`site-config` (absolute path of site.toml), written to a small TOML file so that any path survives quoting.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import tomli_w
@@ -38,6 +43,17 @@ def node_config_file(site: SiteConfig) -> Path:
     return path
 
 
+def runtime_secret(site: SiteConfig) -> Path:
+    """<state>/runtime.secret (0600, created once): signs the runner's task requests to the SuperNode."""
+    path = site.state / "runtime.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode())
+    return path
+
+
 def check_site_files(site: SiteConfig) -> None:
     """Fail early, naming the file and the field, when the CA or the key is missing."""
     if site.ca is None:
@@ -57,7 +73,8 @@ def supernode_argv(site: SiteConfig, insecure: bool = False) -> list[str]:
         flower_bin("flower-supernode"),
         "--superlink", site.superlink,
         "--node-config", str(node_config_file(site)),
-        "--isolation", "subprocess",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(runtime_secret(site)),
         "--host", site.supernode_host,
         "--port", str(site.supernode_port),
     ]  # fmt: skip
@@ -78,8 +95,19 @@ def start_supernode(site: SiteConfig, insecure: bool = False, log: Path | None =
         check_site_files(site)
     site.state.mkdir(parents=True, exist_ok=True)
     site.flwr_home.mkdir(parents=True, exist_ok=True)
-    argv = supernode_argv(site, insecure)
-    return spawn(argv, supernode_env(site), log or site.logs / "supernode.log", cwd=site.state)
+    log = log or site.logs / "supernode.log"
+    return spawn(node_argv(site, insecure), supernode_env(site), log, cwd=site.state)
+
+
+def node_argv(site: SiteConfig, insecure: bool = False) -> list[str]:
+    """The site's launcher (`python -m fedecho.client.runtime node`): it starts flower-supernode and runs the
+    ClientApp runner beside it, all in one process group, and exits with the SuperNode's exit code."""
+    return [
+        sys.executable, "-m", "fedecho.client.runtime", "node",
+        "--runtime-api-address", f"{site.supernode_host}:{site.supernode_port}",
+        "--secret-file", str(runtime_secret(site)),
+        "--", *supernode_argv(site, insecure),
+    ]  # fmt: skip
 
 
 def node_id_in_log(log: Path) -> int | None:

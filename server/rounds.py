@@ -17,6 +17,7 @@ drives the same strategy objects (`configure_train`, `aggregate_train`) itself s
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,16 @@ from flwr.serverapp.strategy import Strategy
 from fedecho.client.app import ERROR_REFUSED
 from fedecho.client.local import build_model
 from fedecho.fl.config import FedRunConfig, parse_run_config, round_lr, round_seed
-from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys, state_hash, wire_round
+from fedecho.fl.exchange import (
+    UpdateError,
+    arrays_sha256,
+    decode,
+    encode,
+    exchanged_keys,
+    frozen_keys,
+    state_hash,
+    wire_round,
+)
 from fedecho.fl.strategies import build_strategy, load_strategy_state, seed_sampling, strategy_state
 from fedecho.models import EchoVisionFM
 from fedecho.server.checkpoints import latest_valid, write_checkpoint
@@ -71,6 +81,10 @@ class SiteReply:
     bytes_down: int = 0
     bytes_up: int = 0
     update: dict[str, torch.Tensor] | None = None
+    sha256: str = ""  # of the reply's arrays as received (audit)
+
+
+_REFUSED_BY = re.compile(r"^refused by site (.+?): ")
 
 
 def _site_name(msg: Message, names: dict[int, str]) -> str:
@@ -79,6 +93,8 @@ def _site_name(msg: Message, names: dict[int, str]) -> str:
         name = str(msg.content["info"].get("site", ""))
         if name:
             names[node] = name
+    elif msg.has_error() and (m := _REFUSED_BY.match(str(msg.error.reason))):  # a refusal carries no content
+        names.setdefault(node, m.group(1))
     return names.get(node, f"node-{node}")
 
 
@@ -177,6 +193,7 @@ class FederatedRun:
                 "seed": round_seed(self.cfg.run.seed, phase, server_round),
                 "wire-dtype": self.wire,
                 "frozen-sha256": frozen_digest,
+                "run-id": self.run_id,  # for the sites' audit logs
             }
         )
         seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "sampling"))
@@ -257,6 +274,7 @@ class FederatedRun:
             return SiteReply(site, node, status, reason=str(reply.error.reason), bytes_down=down)
         content = reply.content
         up = content["arrays"].count_bytes() if "arrays" in content else 0
+        sha = arrays_sha256(content["arrays"]) if "arrays" in content else ""
         try:
             if "arrays" not in content or "metrics" not in content:
                 raise UpdateError("the reply lacks its arrays or metrics")
@@ -266,15 +284,19 @@ class FederatedRun:
             update = decode(content["arrays"], self.wire, expected, self.cfg.run.max_update_norm)
         except (UpdateError, ValueError, TypeError) as e:
             self.store.add_event(self.run_id, "update-rejected", str(e), site=site)
-            return SiteReply(site, node, "rejected", reason=str(e), bytes_down=down, bytes_up=up)
+            return SiteReply(site, node, "rejected", reason=str(e), bytes_down=down, bytes_up=up, sha256=sha)
         self.store.upsert_site(site, node_id=node)
-        return SiteReply(site, node, "ok", metrics, bytes_down=down, bytes_up=up, update=update)
+        return SiteReply(site, node, "ok", metrics, bytes_down=down, bytes_up=up, update=update, sha256=sha)
 
     def _record_site(self, phase: str, server_round: int, kind: str, r: SiteReply) -> None:
         self.store.add_site_result(
             self.run_id, phase, server_round, r.site, kind, status=r.status, metrics=r.metrics,
             num_examples=int(r.metrics.get("num-examples", 0)), bytes_down=r.bytes_down, bytes_up=r.bytes_up,
             reason=r.reason,
+        )  # fmt: skip
+        self.store.add_audit(
+            self.run_id, phase, server_round, kind, r.site, status="accepted" if r.status == "ok" else r.status,
+            reason=r.reason, node_id=r.node_id, bytes_down=r.bytes_down, bytes_up=r.bytes_up, sha256=r.sha256,
         )  # fmt: skip
 
     # -------------------------------------------------------------- messaging

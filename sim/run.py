@@ -12,7 +12,7 @@ before `simulate` returns, so no background process outlives it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from flwr.app import Context
 
 from fedecho.client.app import build_client_app
 from fedecho.client.local import Site
+from fedecho.client.policy import SitePolicy
 from fedecho.data.source import detect_source
 from fedecho.fl.config import FedRunConfig
 from fedecho.server.app import build_server_app
@@ -36,6 +37,7 @@ class SimSites:
     partitioned: bool
     cache: Path
     state: Path
+    policies: dict[str, SitePolicy] = field(default_factory=dict)  # by site name; others: the default policy
 
     def __call__(self, context: Context) -> Site:
         return self.site(int(context.node_config["partition-id"]))
@@ -47,6 +49,7 @@ class SimSites:
             cache=self.cache,
             state=self.state / "sites" / self.names[k],
             partition=(k, len(self.names)) if self.partitioned else None,
+            policy=self.policies.get(self.names[k]),
         )
 
 
@@ -79,6 +82,7 @@ def simulate(
     round_timeout: float = 3600.0,
     cpus_per_site: float = 1.0,
     on_round: Any = None,
+    policies: dict[str, SitePolicy] | None = None,
 ) -> int:
     """Run a federated simulation to the end; returns the fedecho run id (in the store)."""
     from flwr.simulation import run_simulation
@@ -86,7 +90,9 @@ def simulate(
     state = Path(state).resolve()
     state.mkdir(parents=True, exist_ok=True)
     names, folders, partitioned = site_layout(data, sites)
-    site_resolver = SimSites(names, [f.resolve() for f in folders], partitioned, state / "cache", state)
+    site_resolver = SimSites(
+        names, [f.resolve() for f in folders], partitioned, state / "cache", state, dict(policies or {})
+    )
     settings = ServerSettings(
         state=state,
         store_url=store_url(state, store),

@@ -113,6 +113,14 @@ def test_unregistered_site_is_refused(deployment: Deployment) -> None:
 def test_submitted_bundle_carries_config_not_code(deployment: Deployment, tmp_path: Path) -> None:
     run_toml = tmp_path / "toy.toml"
     run_toml.write_text('[run]\nname = "toy"\n')
+    # the toy components are not fedecho's: the site runs them only once it has approved that bundle
+    from fedecho.client.approval import app_dir_bundle
+    from fedecho.client.audit import SiteLog
+    from fedecho.server.submit import build_app_dir
+
+    toy = build_app_dir(deployment.server, run_toml, serverapp="deploy_toy:server", clientapp="deploy_toy:client")
+    with SiteLog(deployment.sites["alpha"].state) as site_log:
+        site_log.approve(app_dir_bundle(toy).sha256)
     lines: list[str] = []
     sub = submit_run(
         deployment.server, run_toml, echo=lines.append, serverapp="deploy_toy:server", clientapp="deploy_toy:client"

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 def _clientapps_in_group(pgid: int) -> list[int]:
     """PIDs of flwr-clientapp processes in a SuperNode's process group (a ClientApp at work)."""
-    out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,pgid,args"], capture_output=True, text=True, check=True).stdout
     pids = []
     for line in out.splitlines()[1:]:
         pid, group, args = line.split(None, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 import fedecho
+from fedecho.cli import audit as audit_cli
 from fedecho.cli import certs as certs_cli
 from fedecho.cli import client as client_cli
 from fedecho.cli import data as data_cli
@@ -35,6 +36,7 @@ app.add_typer(server_cli.app, name="server")
 app.add_typer(client_cli.app, name="client")
 app.add_typer(runs_cli.app, name="runs")
 app.command("report")(report_cli.report)
+app.command("audit")(audit_cli.audit)
 
 
 def _version(value: bool) -> None:

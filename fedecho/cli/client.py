@@ -60,6 +60,7 @@ def start(
     except (SuperNodeError, OSError) as e:
         raise _fail(e) from e
     console.print(f"site {cfg.name}: SuperNode dialling {cfg.superlink} (state {cfg.state}, log {log})")
+    console.print(f"policy: {escape(cfg.policy.describe())}", highlight=False)
     connected, code = False, 0
     try:
         while proc.poll() is None:
@@ -89,3 +90,45 @@ def start(
     if code:
         raise typer.Exit(code)
     console.print(f"SuperNode of site {cfg.name} stopped")
+
+
+@app.command("approve")
+def approve(
+    bundle: str = typer.Argument("", help="The app bundle's code hash (64 hex digits), from the refusal."),
+    app_dir: Path | None = typer.Option(
+        None, "--app", exists=True, file_okay=False, help="Approve the bundle built from this reviewed app folder."
+    ),
+    site: Path = typer.Option(..., "--site", exists=True, dir_okay=False, help="Site config, e.g. site.toml."),
+    revoke: bool = typer.Option(False, "--revoke", help="Withdraw an earlier approval instead."),
+    note: str = typer.Option("", "--note", help="Why it was approved (kept with the approval)."),
+) -> None:
+    """Allow this site to run an app bundle other than the fedecho one it installed (or --revoke that).
+
+    A refused bundle is kept for review in STATE/bundles/refused/HASH.fab (a zip): read its code first.
+
+    Examples: fedecho client approve 3f2a...c9 --site site.toml --note "reviewed by J. Doe";
+    fedecho client approve --app reviewed-app/ --site site.toml
+    """
+    from fedecho.client.audit import SiteLog
+
+    if app_dir is not None:
+        from fedecho.client.approval import app_dir_bundle
+
+        try:
+            bundle = app_dir_bundle(app_dir).sha256
+        except Exception as e:  # Flower's build raises its own error types
+            raise _fail(f"{app_dir}: cannot build its bundle: {e}") from e
+    digest = bundle.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise _fail(f"{bundle!r} is not a bundle hash (64 hex digits)")
+    try:
+        cfg = load_site_config(site)
+    except ConfigFileError as e:
+        raise _fail(e) from e
+    with SiteLog(cfg.state) as log:
+        if revoke:
+            done = log.revoke(digest)
+            console.print(f"bundle {digest} {'no longer approved' if done else 'was not approved'} at {cfg.name}")
+            return
+        log.approve(digest, note)
+    console.print(f"bundle {digest} approved at site {cfg.name} (takes effect with the next message)")

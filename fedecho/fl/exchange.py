@@ -143,3 +143,14 @@ class FrozenStore:
             return None
         state = load_file(str(path))
         return state if state_hash(state) == digest else None
+
+
+def arrays_sha256(record: ArrayRecord) -> str:
+    """Digest of a record as it travels (names, dtypes, shapes, serialized bytes): the site computes it on the
+    update it sends and the server on the reply it receives, so both audit logs name the same update."""
+    h = hashlib.sha256()
+    for name in sorted(record.keys()):
+        array = record[name]
+        h.update(f"{name}\0{array.dtype}\0{tuple(array.shape)}\0".encode())
+        h.update(hashlib.sha256(array.data).digest())
+    return h.hexdigest()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Double,
     ForeignKey,
@@ -45,6 +46,7 @@ RUN_STATUSES = ("running", "stopped", "failed", "finished")
 PHASE_STATUSES = ("pending", "running", "finished")
 RESULT_KINDS = ("train", "evaluate")
 RESULT_STATUSES = ("ok", "failed", "rejected", "refused")
+AUDIT_STATUSES = ("accepted", "failed", "rejected", "refused")
 
 
 class StoreMissing(FileNotFoundError):
@@ -146,6 +148,23 @@ class EventRow:
     site: str | None
     kind: str
     message: str
+    created: float
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    run_id: int
+    phase: str
+    round: int
+    kind: str
+    site: str
+    node_id: int | None
+    status: str  # accepted | rejected | refused | failed
+    reason: str
+    bytes_down: int
+    bytes_up: int
+    sha256: str  # of the reply's arrays as received (the site logs the same digest for what it sent)
     created: float
 
 
@@ -274,6 +293,39 @@ class _Event(Base):
     kind: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     created: Mapped[float] = mapped_column(Double)
+
+
+class _Audit(Base):
+    """Every reply the server received (or waited for in vain); append-only (no update or delete)."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(Integer, index=True)  # no foreign key: the log outlives what it logs
+    phase: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    site: Mapped[str] = mapped_column(String(200))
+    node_id: Mapped[int | None] = mapped_column(UInt64, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    bytes_down: Mapped[int] = mapped_column(BigInteger)
+    bytes_up: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    created: Mapped[float] = mapped_column(Double)
+
+
+def append_only(table: Any) -> None:
+    """SQLite triggers that abort any UPDATE or DELETE of table's rows (other databases: grant the server's
+    role INSERT and SELECT only on it)."""
+    for op in ("UPDATE", "DELETE"):
+        ddl = DDL(
+            f"CREATE TRIGGER IF NOT EXISTS {table.name}_no_{op.lower()} BEFORE {op} ON {table.name} "
+            f"BEGIN SELECT RAISE(ABORT, '{table.name} is append-only'); END"
+        )
+        event.listen(table, "after_create", ddl.execute_if(dialect="sqlite"))
+
+
+append_only(_Audit.__table__)
 
 
 # ---------------------------------------------------------------- engine
@@ -596,6 +648,55 @@ class Store:
                 EventRow(e.id, e.run_id, e.site, e.kind, e.message, e.created) for e in s.scalars(q.order_by(_Event.id))
             ]
 
+    # ------------------------------------------------------------ audit (append-only)
+
+    def add_audit(
+        self,
+        run_id: int,
+        phase: str,
+        round: int,
+        kind: str,
+        site: str,
+        *,
+        status: str,
+        reason: str = "",
+        node_id: int | None = None,
+        bytes_down: int = 0,
+        bytes_up: int = 0,
+        sha256: str = "",
+    ) -> None:
+        """Append one reply to the audit log; there is no method to change or remove a row."""
+        _check(kind, RESULT_KINDS, "audit kind")
+        _check(status, AUDIT_STATUSES, "audit status")
+        with self._write() as s:
+            s.add(
+                _Audit(
+                    run_id=run_id, phase=phase, round=round, kind=kind, site=site, node_id=node_id, status=status,
+                    reason=reason, bytes_down=int(bytes_down), bytes_up=int(bytes_up), sha256=sha256,
+                    created=_now(),
+                )
+            )  # fmt: skip
+
+    def audit(self, run_id: int | None = None, site: str | None = None, limit: int | None = None) -> list[AuditRow]:
+        """Audit rows oldest first (the newest `limit` of them), optionally of one run and/or one site."""
+        q = select(_Audit)
+        if run_id is not None:
+            q = q.where(_Audit.run_id == run_id)
+        if site is not None:
+            q = q.where(_Audit.site == site)
+        q = q.order_by(_Audit.id.desc())
+        if limit:
+            q = q.limit(limit)
+        with self._read() as s:
+            rows = [
+                AuditRow(
+                    a.id, a.run_id, a.phase, a.round, a.kind, a.site, a.node_id, a.status, a.reason, a.bytes_down,
+                    a.bytes_up, a.sha256, a.created,
+                )
+                for a in s.scalars(q)
+            ]  # fmt: skip
+        return rows[::-1]
+
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
@@ -615,6 +716,7 @@ def _round_row(r: _Round) -> RoundRow:
 
 __all__ = [
     "DEFAULT_STATE",
+    "AuditRow",
     "CheckpointRow",
     "EventRow",
     "PhaseRow",

@@ -1,0 +1,206 @@
+"""The site's own ClientApp runner: judges each app bundle before any of its code is installed or imported.
+
+`fedecho client start` runs the SuperNode with `--isolation process`: the SuperNode then starts no ClientApp
+itself. This module, part of the fedecho the site installed, does instead:
+
+- `node` (what `fedecho client start` launches): starts flower-supernode in its own process group and, in a
+  thread, polls the SuperNode's Runtime API for ClientApp tasks (signed with a secret only the SuperNode and
+  this process hold, so no other local process can take a task) and starts one `flwr-clientapp` runner per
+  task, as Flower's own SuperExec would (`executor` does the polling alone, for a SuperNode started by hand);
+- `flwr-clientapp` (one process per message): Flower's `run_clientapp`, with one change: right after it has
+  pulled the message, context, run and bundle (FAB) from the SuperNode, and before it installs the bundle,
+  `gate` hashes the bundle and asks `fedecho.client.approval.judge`. An unapproved bundle is answered with a
+  refusal (error code 103: the server records the site as "refused"), kept for review under
+  `<state>/bundles/refused/HASH.fab`, written to the site's audit log, and never installed or imported.
+
+The hook is a replacement of `pull_task_input` in Flower's `run_clientapp` module, for flwr 1.42.0 (pinned);
+`check_flower` fails loudly if that function ever goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedecho.client.approval import Bundle, BundleError, judge, read_bundle
+from fedecho.client.audit import BUNDLE_ENV, SiteLog
+
+log = logging.getLogger("fedecho.client.runtime")
+
+ERROR_REFUSED = 103  # fedecho.client.app.ERROR_REFUSED (not imported: that module loads torch)
+ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+
+
+class BundleRefused(RuntimeError):
+    """The site refused the run's app bundle; the refusal has already been sent and logged."""
+
+
+def check_flower() -> Any:
+    """Flower's run_clientapp module, checked to still have the function fedecho hooks."""
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    if not callable(getattr(rc, "pull_task_input", None)) or not callable(getattr(rc, "push_message", None)):
+        raise RuntimeError("this flwr has no run_clientapp.pull_task_input/push_message: code approval cannot hook it")
+    return rc
+
+
+def _message_fields(message: Any) -> dict[str, Any]:
+    """Run, round, phase of a message, read as data (no bundle code involved)."""
+    out: dict[str, Any] = {
+        "flower_run_id": int(message.metadata.run_id),
+        "message_type": str(message.metadata.message_type),
+    }
+    with contextlib.suppress(Exception):
+        cfg = message.content["config"]
+        out["phase"] = str(cfg.get("phase", ""))
+        if "server-round" in cfg:
+            out["round"] = int(cfg["server-round"])
+        if "run-id" in cfg:
+            out["run_id"] = int(cfg["run-id"])
+    return out
+
+
+def gate(rc: Any, client: Any, message: Any, context: Any, fab: Any) -> Bundle:
+    """Allow the bundle (returns it) or answer the message with a refusal and raise BundleRefused."""
+    from fedecho.client.config import load_site_config
+
+    site = load_site_config(Path(str(context.node_config["site-config"])))
+    with SiteLog(site.state) as site_log:
+        try:
+            bundle = read_bundle(fab.content)
+            verdict = judge(bundle, site_log.approved(bundle.sha256))
+            sha, allowed, reason = bundle.sha256, verdict.allowed, verdict.reason
+        except BundleError as e:
+            sha, allowed, reason = "", False, str(e)
+        if allowed:
+            os.environ[BUNDLE_ENV] = sha
+            return bundle
+        keep = site.state / "bundles" / "refused" / f"{sha or 'unreadable'}.fab"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_bytes(fab.content)
+        reason = f"refused by site {site.name}: {reason}"
+        site_log.record(decision="refused", reason=reason, bundle_sha256=sha, **_message_fields(message))
+    from flwr.app import Error, Message
+
+    log.warning(reason)
+    rc.push_message(client, Message(Error(code=ERROR_REFUSED, reason=reason), reply_to=message), context)
+    raise BundleRefused(reason)
+
+
+def run_task(address: str, token: str, parent_pid: int | None) -> None:
+    """One ClientApp task: Flower's run_clientapp with the bundle judged before installation."""
+    rc = check_flower()
+    pull = rc.pull_task_input
+
+    def pull_and_judge(client: Any) -> tuple[Any, Any, Any, Any]:
+        message, context, run, fab = pull(client)
+        gate(rc, client, message, context, fab)
+        return message, context, run, fab
+
+    rc.pull_task_input = pull_and_judge
+    rc.run_clientapp(
+        runtime_api_address=address, token=token, insecure=True, parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )  # fmt: skip
+
+
+def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float = 1.0) -> None:
+    """Take ClientApp tasks from the SuperNode's Runtime API and start a runner for each, until the parent dies."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    check_flower()
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+            SuperExecAuthHttpInterceptor(master_secret=secret_file.read_bytes(), protected_methods={ACQUIRE}),
+        ],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )  # fmt: skip
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        while True:
+            children = [c for c in children if c.poll() is None]
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            except Exception as e:  # the SuperNode's Runtime API is not up yet, or restarting
+                log.debug("AcquireTask: %s", e)
+                time.sleep(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                argv = [
+                    sys.executable, "-m", "fedecho.client.runtime", "flwr-clientapp",
+                    "--runtime-api-address", address, "--token", res.token, "--parent-pid", str(os.getpid()),
+                ]  # fmt: skip
+                children.append(subprocess.Popen(argv))
+            time.sleep(poll)
+    finally:
+        client.close()
+
+
+def node(supernode: list[str], address: str, secret_file: Path) -> int:
+    """Start flower-supernode (same process group) and serve its ClientApp tasks until it exits; Ctrl-C or
+    SIGTERM stop the SuperNode cleanly. Returns the SuperNode's exit code."""
+    import signal
+    import threading
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    proc = subprocess.Popen(supernode)
+    threading.Thread(target=serve, args=(address, secret_file, None), daemon=True).start()
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedecho.client.runtime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("executor", help="take ClientApp tasks from the SuperNode and run them")
+    ex.add_argument("--runtime-api-address", required=True)
+    ex.add_argument("--secret-file", required=True, type=Path)
+    ex.add_argument("--parent-pid", type=int)
+    nd = sub.add_parser("node", help="start flower-supernode (argv after --) with the runner beside it")
+    nd.add_argument("--runtime-api-address", required=True)
+    nd.add_argument("--secret-file", required=True, type=Path)
+    nd.add_argument("supernode", nargs=argparse.REMAINDER)
+    task = sub.add_parser("flwr-clientapp", help="run one ClientApp task, judging its bundle first")
+    task.add_argument("--runtime-api-address", required=True)
+    task.add_argument("--token", required=True)
+    task.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "node":
+        cmd = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
+        sys.exit(node(cmd, args.runtime_api_address, args.secret_file))
+    if args.command == "executor":
+        with contextlib.suppress(KeyboardInterrupt):
+            serve(args.runtime_api_address, args.secret_file, args.parent_pid)
+    else:
+        run_task(args.runtime_api_address, args.token, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()
