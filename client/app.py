@@ -25,6 +25,7 @@ from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
 from fedecho.client.policy import enforce
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.exchange import UpdateError, decode, encode
+from fedecho.privacy.dp_policy import PrivacyRefused
 
 log = logging.getLogger("fedecho.client")
 
@@ -61,6 +62,7 @@ def site_from_node_config(context: Context) -> Site:
         labels=str(getattr(s, "labels", "") or ""),
         device=None if device in ("", "auto") else device,
         policy=s.policy,
+        privacy=s.privacy,
     )
 
 
@@ -105,7 +107,7 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             eps = metrics.get("epsilon")
             audit_message(site, msg, options, "allowed", allowed, manifest=manifest, epsilon=eps,
                           update=content["arrays"] if train else None)  # fmt: skip
-        except Refused as e:
+        except (Refused, PrivacyRefused) as e:  # the site policy, code approval or privacy budget says no
             log.warning("site %s refused: %s", site.name, e)
             with contextlib.suppress(Exception):  # the refusal goes out even if the log cannot be written
                 audit_message(site, msg, options, "refused", str(e), manifest=manifest)

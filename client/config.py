@@ -15,6 +15,7 @@ from typing import Any
 from fedecho._proc import is_loopback
 from fedecho._toml import Table, read_toml
 from fedecho.client.policy import DEFAULT_POLICY, SitePolicy, parse_policy
+from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, parse_privacy
 from fedecho.security.certs import CertError, split_host_port
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,6 +41,7 @@ class SiteConfig:
     supernode_host: str
     supernode_port: int
     policy: SitePolicy = DEFAULT_POLICY  # [policy]: what this site agrees to do (fedecho.client.policy)
+    privacy: PrivacyPolicy = DEFAULT_PRIVACY  # [privacy]: DP-SGD, budget and delta (fedecho.privacy.dp_policy)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole file, for the ClientApp's own tables
 
     @property
@@ -88,6 +90,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         supernode_host=node.text("host", "127.0.0.1"),
         supernode_port=node.integer("port", DEFAULT_SUPERNODE_PORT, minimum=1),
         policy=parse_policy(raw, path),
+        privacy=parse_privacy(raw, path),
         raw=raw,
     )
     if cfg.supernode_port > 65535:

@@ -22,6 +22,7 @@ from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
 from fedecho.models import EchoVisionFM, create_model
 from fedecho.models.checkpoint import load_state
+from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, plan_round
 from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
 
 
@@ -37,6 +38,7 @@ class Site:
     device: str | None = None
     partition: tuple[int, int] | None = None  # simulation: the k-th of n virtual hospitals of one dataset
     policy: SitePolicy | None = None  # [policy] of site.toml; None: the default policy (fedecho.client.policy)
+    privacy: PrivacyPolicy = DEFAULT_PRIVACY  # [privacy] of site.toml: DP-SGD, budget, delta (fedecho.privacy)
 
 
 class MissingFrozen(RuntimeError):
@@ -110,7 +112,18 @@ def site_train(
     losses, steps, examples = [], 0, 0
     budget = pcfg.steps or None
     epoch = 0
-    while (budget is None and epoch < pcfg.epochs) or (budget is not None and steps < budget):
+    private: dict[str, float] = {}
+    plan = plan_round(site.privacy, cfg.dp, [r.group for r in train.records], pcfg.batch_size, pcfg.steps, pcfg.epochs)
+    if plan is not None:  # DP-SGD: reserved in the site's ledger (or refused) before training
+        from fedecho.privacy.dp import train_private_round  # Opacus loads only where DP is used
+
+        run = f"{cfg.run.name} (run {options.get('run-id', '?')})"
+        res, private = train_private_round(
+            trainer, train, plan, site.state, run=run, phase=phase, server_round=int(options.get("server-round", 0)),
+            epsilon_max=site.privacy.epsilon_max, workers=cfg.local.data.num_workers,
+        )  # fmt: skip
+        losses, steps, examples = [res.loss * res.steps], res.steps, res.examples
+    while plan is None and ((budget is None and epoch < pcfg.epochs) or (budget is not None and steps < budget)):
         loader = make_loader(train, pcfg.batch_size, True, seed, epoch, cfg.local.data.num_workers)
         res = trainer.train_epoch(loader, max_steps=None if budget is None else budget - steps)
         losses.append(res.loss * res.steps)
@@ -122,6 +135,7 @@ def site_train(
         "train_loss": sum(losses) / max(steps, 1),
         "steps": float(steps),
         "seconds": time.time() - t0,
+        **private,
     }
     return update, metrics
 

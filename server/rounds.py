@@ -45,6 +45,7 @@ from fedecho.fl.exchange import (
 )
 from fedecho.fl.strategies import build_strategy, load_strategy_state, seed_sampling, strategy_state
 from fedecho.models import EchoVisionFM
+from fedecho.privacy.dp_policy import PRIVACY_METRICS
 from fedecho.server.checkpoints import latest_valid, write_checkpoint
 from fedecho.storage import Store
 from fedecho.train import evaluate, make_datasets, pretrain_loss
@@ -231,7 +232,8 @@ class FederatedRun:
             content = RecordDict(
                 {
                     "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                    "metrics": MetricRecord({k: v for k, v in r.metrics.items()}),
+                    # a site's privacy (epsilon, delta, ...) is its own: stored per site, never averaged
+                    "metrics": MetricRecord({k: v for k, v in r.metrics.items() if k not in PRIVACY_METRICS}),
                 }
             )
             contents.append(Message(content, r.node_id, MessageType.TRAIN))

@@ -23,6 +23,7 @@ from fedecho.client.local import Site
 from fedecho.client.policy import SitePolicy
 from fedecho.data.source import detect_source
 from fedecho.fl.config import FedRunConfig
+from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy
 from fedecho.server.app import build_server_app
 from fedecho.server.rounds import ServerSettings
 from fedecho.storage.store import store_url
@@ -38,6 +39,7 @@ class SimSites:
     cache: Path
     state: Path
     policies: dict[str, SitePolicy] = field(default_factory=dict)  # by site name; others: the default policy
+    privacy: dict[str, PrivacyPolicy] = field(default_factory=dict)  # [privacy] by site name; others: default
 
     def __call__(self, context: Context) -> Site:
         return self.site(int(context.node_config["partition-id"]))
@@ -50,6 +52,7 @@ class SimSites:
             state=self.state / "sites" / self.names[k],
             partition=(k, len(self.names)) if self.partitioned else None,
             policy=self.policies.get(self.names[k]),
+            privacy=self.privacy.get(self.names[k], DEFAULT_PRIVACY),
         )
 
 
@@ -83,6 +86,7 @@ def simulate(
     cpus_per_site: float = 1.0,
     on_round: Any = None,
     policies: dict[str, SitePolicy] | None = None,
+    privacy: dict[str, PrivacyPolicy] | None = None,
 ) -> int:
     """Run a federated simulation to the end; returns the fedecho run id (in the store)."""
     from flwr.simulation import run_simulation
@@ -90,8 +94,9 @@ def simulate(
     state = Path(state).resolve()
     state.mkdir(parents=True, exist_ok=True)
     names, folders, partitioned = site_layout(data, sites)
+    folders = [f.resolve() for f in folders]
     site_resolver = SimSites(
-        names, [f.resolve() for f in folders], partitioned, state / "cache", state, dict(policies or {})
+        names, folders, partitioned, state / "cache", state, dict(policies or {}), dict(privacy or {})
     )
     settings = ServerSettings(
         state=state,
