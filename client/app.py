@@ -78,9 +78,13 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     app = ClientApp()
 
     def handle(msg: Message, context: Context, train: bool) -> Message:
-        set_torch_threads()
         try:
             site = resolve(context)
+        except (KeyError, ValueError, OSError) as e:  # the site's own configuration: details stay in its log
+            log.error("site configuration: %s", e)
+            return _error(msg, ERROR_FAILED, f"the site's configuration is invalid ({type(e).__name__}; see its log)")
+        set_torch_threads()  # after resolve: the site's `threads` setting applies
+        try:
             options = _options(msg)
             cfg = parse_run_config(str(options["run-toml"]), "the run file sent by the server")
             phase = str(options["phase"])
@@ -120,7 +124,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             log.exception("site %s: %s failed", site.name, "training" if train else "evaluation")
             with contextlib.suppress(Exception):
                 audit_message(site, msg, options, "failed", f"{type(e).__name__}: {e}", manifest=manifest)
-            return _error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__}: {e}")
+            # Only the exception's type leaves the site: its message may name local files or records.
+            return _error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__} (details in the site's log)")
         return Message(content, reply_to=msg)
 
     @app.train()

@@ -249,14 +249,16 @@ class FederatedRun:
         if server_round == pcfg.rounds or (every and server_round % every == 0):
             evaluate_metrics = self.federated_evaluate(grid, phase, server_round, model, strategy, config)
         server_metrics = self.server_evaluate(phase, model)
-        write_checkpoint(
-            self.store, self.checkpoints, self.run_id, phase, server_round, model, strategy_state(strategy)
-        )
         train = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)}
+        # The round first, then its checkpoint: a crash in between redoes the round on resume (the
+        # round's row is replaced), never a checkpoint whose round the store does not know.
         self.store.add_round(
             self.run_id, phase, server_round, started=t0, finished=time.time(), sites_sampled=len(messages),
             sites_replied=len(accepted), train=train, evaluate=evaluate_metrics, server=server_metrics,
         )  # fmt: skip
+        write_checkpoint(
+            self.store, self.checkpoints, self.run_id, phase, server_round, model, strategy_state(strategy)
+        )
         summary = {"sites": f"{len(accepted)}/{len(messages)}", **train, **evaluate_metrics, **server_metrics}
         log.info("%s round %d/%d: %s", phase, server_round, pcfg.rounds, summary)
         if self.on_round:
