@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Double, Integer, String, Text, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-from fedecho.storage.store import UInt64, _sqlite_engine, append_only
+from fedecho.storage.site_store import DB_NAME as SITE_DB
+from fedecho.storage.site_store import SiteBase, SiteStore
+from fedecho.storage.store import UInt64, append_only
 
-SITE_DB = "site.db"
 DECISIONS = ("allowed", "refused", "failed")
-
-
-class SiteBase(DeclarativeBase):
-    pass
 
 
 class _SiteAudit(SiteBase):
@@ -84,13 +81,10 @@ class SiteLog:
         self.path = Path(state) / SITE_DB
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no site database {self.path} (the site has received no message yet)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._engine = _sqlite_engine(f"sqlite:///{self.path}")
-        self._write_engine = self._engine.execution_options(fedecho_write=True)
-        SiteBase.metadata.create_all(self._write_engine)
+        self._store = SiteStore(state, create=create)  # the one site database: manifest, ledger, audit
 
     def close(self) -> None:
-        self._engine.dispose()
+        self._store.close()
 
     def __enter__(self) -> SiteLog:
         return self
@@ -118,7 +112,7 @@ class SiteLog:
         """Append one row (one transaction)."""
         if decision not in DECISIONS:
             raise ValueError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
-        with Session(self._write_engine) as s, s.begin():
+        with self._store.write() as s:
             s.add(
                 _SiteAudit(
                     created=time.time(), flower_run_id=flower_run_id, run_id=run_id, round=round, phase=phase,
@@ -136,7 +130,7 @@ class SiteLog:
         q = q.order_by(_SiteAudit.id.desc())
         if limit:
             q = q.limit(limit)
-        with Session(self._engine) as s:
+        with self._store.read() as s:
             found = [
                 SiteAuditRow(**{c: getattr(r, c) for c in SiteAuditRow.__dataclass_fields__}) for r in s.scalars(q)
             ]
@@ -144,12 +138,12 @@ class SiteLog:
 
     # ------------------------------------------------------------ approvals
     def approve(self, sha256: str, note: str = "") -> None:
-        with Session(self._write_engine) as s, s.begin():
+        with self._store.write() as s:
             if s.get(_Approval, sha256) is None:
                 s.add(_Approval(sha256=sha256, approved=time.time(), note=note))
 
     def revoke(self, sha256: str) -> bool:
-        with Session(self._write_engine) as s, s.begin():
+        with self._store.write() as s:
             row = s.get(_Approval, sha256)
             if row is None:
                 return False
@@ -157,11 +151,11 @@ class SiteLog:
             return True
 
     def approved(self, sha256: str) -> bool:
-        with Session(self._engine) as s:
+        with self._store.read() as s:
             return s.get(_Approval, sha256) is not None
 
     def approvals(self) -> list[tuple[str, float, str]]:
-        with Session(self._engine) as s:
+        with self._store.read() as s:
             return [(a.sha256, a.approved, a.note) for a in s.scalars(select(_Approval).order_by(_Approval.approved))]
 
 
