@@ -3,7 +3,8 @@
 `app` serves `fedecho server run`: everything it needs arrives in the run config that
 `fedecho server run` writes into the submitted app (`fedecho-run-toml`, `fedecho-state`,
 `fedecho-store`, `fedecho-round-timeout`, `fedecho-min-sites`, `fedecho-eval-data`,
-`fedecho-resume`). `build_server_app` lets the simulation pass the same settings directly.
+`fedecho-resume`, and `fedecho-trace-messages` when the coordinator traces messages).
+`build_server_app` lets the simulation pass the same settings directly.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def settings_from_run_config(context: Context) -> tuple[str, ServerSettings, int
         min_sites=int(rc.get("fedecho-min-sites", 2)),  # type: ignore[arg-type]
         eval_data=Path(eval_data) if eval_data else None,
         eval_cache=state / "cache",
+        trace_messages=bool(rc.get("fedecho-trace-messages", False)),
     )
     return text, settings, int(rc.get("fedecho-resume", 0))  # type: ignore[arg-type]
 

@@ -34,6 +34,7 @@ class ServerConfig:
     eval_data: Path | None
     round_timeout: float
     min_sites: int
+    trace_messages: bool = False  # the ServerApp writes every message to STATE/trace/ (fedecho.server.trace)
 
     @property
     def ca_cert(self) -> Path:
@@ -108,6 +109,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         eval_data=t.optional_location("eval_data"),
         round_timeout=t.number("round_timeout", 3600.0, positive=True),
         min_sites=t.integer("min_sites", 2, minimum=1),
+        trace_messages=t.flag("trace_messages", False),
     )
     t.finish()
     return cfg

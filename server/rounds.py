@@ -47,6 +47,7 @@ from fedecho.fl.strategies import build_strategy, load_strategy_state, seed_samp
 from fedecho.models import EchoVisionFM
 from fedecho.privacy.dp_policy import PRIVACY_METRICS
 from fedecho.server.checkpoints import latest_valid, write_checkpoint
+from fedecho.server.trace import MessageTrace
 from fedecho.storage import Store
 from fedecho.train import evaluate, make_datasets, pretrain_loss
 from fedecho.train.run import init_encoder
@@ -70,6 +71,7 @@ class ServerSettings:
     eval_cache: Path | None = None
     mode: str = "deployment"
     poll_interval: float = 0.5
+    trace_messages: bool = False  # write every message sent and received to STATE/trace/ (fedecho.server.trace)
 
 
 @dataclass
@@ -128,6 +130,8 @@ class FederatedRun:
         self.holding_frozen: set[int] = set()
         self.on_round = on_round
         self.final: dict[str, Path] = {}
+        trace = settings.state / "trace" / f"run-{self.run_id:04d}"
+        self.trace = MessageTrace(trace) if settings.trace_messages else None
 
     # ----------------------------------------------------------------- phases
     def execute(self, grid: Grid) -> int:
@@ -311,6 +315,9 @@ class FederatedRun:
             return []
         ids = list(grid.push_messages(messages))
         by_id = dict(zip(ids, messages, strict=True))
+        if self.trace is not None:
+            for m in messages:
+                self.trace.record("sent", m)
         got: dict[str, Message] = {}
         deadline = time.time() + self.timeout
         pending = set(ids)
@@ -320,6 +327,8 @@ class FederatedRun:
                 if rid in pending:
                     got[rid] = reply
                     pending.discard(rid)
+                    if self.trace is not None:
+                        self.trace.record("received", reply)
             if pending:
                 time.sleep(self.settings.poll_interval)
         return [(by_id[i], got.get(i)) for i in ids]

@@ -42,7 +42,7 @@ class Submission:
 
 def app_config(cfg: ServerConfig, run_toml_text: str, resume: int = 0) -> dict[str, Any]:
     """The ServerApp's run config: what to run and where the coordinator keeps its state."""
-    return {
+    config: dict[str, Any] = {
         "fedecho-run-toml": run_toml_text,
         "fedecho-state": str(cfg.state),
         "fedecho-resume": int(resume),
@@ -51,6 +51,9 @@ def app_config(cfg: ServerConfig, run_toml_text: str, resume: int = 0) -> dict[s
         "fedecho-eval-data": str(cfg.eval_data) if cfg.eval_data else "",
         "fedecho-store": cfg.store or "",
     }
+    if cfg.trace_messages:  # only when on: an untraced submission's config is unchanged
+        config["fedecho-trace-messages"] = True
+    return config
 
 
 def pyproject(config: dict[str, Any], description: str, serverapp: str = SERVERAPP, clientapp: str = CLIENTAPP) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
@@ -162,3 +163,70 @@ def tiny_run(
         wire=wire, strategy=strategy, pretrain_rounds=pretrain_rounds, finetune_rounds=finetune_rounds,
         freeze=str(freeze).lower(),
     )  # fmt: skip
+
+
+PHI_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+)
+
+
+def header_phi(archive: Path) -> set[str]:
+    """Every identifying string the phantom wrote into its headers (and their name parts)."""
+    out: set[str] = set()
+    for path in archive.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for kw in PHI_KEYWORDS:
+            value = str(ds.get(kw, "") or "")
+            out.update(p for p in [value, *value.split("^")] if len(p) >= 4)
+        birth = str(ds.PatientBirthDate)
+        out.add(f"{birth[6:]}/{birth[4:6]}/{birth[:4]}")  # as burned into the pixels
+    return out
+
+
+def _date_forms(yyyymmdd: str) -> list[str]:
+    y, m, d = yyyymmdd[:4], yyyymmdd[4:6], yyyymmdd[6:8]
+    return [yyyymmdd, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
+
+
+def identifying_strings(archive: Path) -> set[str]:
+    """header_phi plus what else identifies a patient in a phantom archive: dates in the usual formats,
+    the text burned into the pixels (fedecho.synth.dicom_writer._overlay), the institution's address
+    parts, and the archive-relative paths and their p<subject>/s<study> parts (MIMIC-IV-ECHO layout)."""
+    out = header_phi(archive)
+    for path in archive.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        family, given = str(ds.PatientName).split("^")
+        birth, study, time = str(ds.PatientBirthDate), str(ds.StudyDate), str(ds.StudyTime)
+        out.update(_date_forms(birth) + _date_forms(study))
+        d, m, y, clock = study[6:8], study[4:6], study[:4], f"{time[:2]}:{time[2:4]}:{time[4:6]}"
+        out.update(
+            {
+                f"{family}, {given}",  # burned in
+                f"{given} {family}",
+                f"ID {ds.PatientID}  DOB {birth[6:]}/{birth[4:6]}/{birth[:4]}",  # burned in
+                f"{d}/{m}/{y} {clock}",  # burned in
+                f"{y}-{m}-{d} {clock}",  # echo-record-list.csv
+                str(ds.file_meta.get("MediaStorageSOPInstanceUID", "")),
+            }
+        )
+        address = str(ds.InstitutionAddress)
+        out.update(part.strip() for part in address.split(","))
+        rel = path.relative_to(archive)
+        out.update({rel.as_posix(), rel.stem, *(p for p in rel.parts if p[1:].isdigit() and len(p) > 4)})
+    out.discard("")
+    return out

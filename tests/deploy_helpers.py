@@ -37,7 +37,13 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def write_server_toml(
-    root: Path, port: int, *, round_timeout: float = 600.0, min_sites: int = 2, eval_data: Path | None = None
+    root: Path,
+    port: int,
+    *,
+    round_timeout: float = 600.0,
+    min_sites: int = 2,
+    eval_data: Path | None = None,
+    trace_messages: bool = False,
 ) -> Path:
     """A server.toml under root with certs in root/certs, keys in root/keys, state in root/server."""
     path = root / "server.toml"
@@ -51,19 +57,24 @@ def write_server_toml(
         f"round_timeout = {float(round_timeout)}\n"
         f"min_sites = {min_sites}\n"
         f'eval_data = "{eval_data or ""}"\n'
+        f"trace_messages = {str(trace_messages).lower()}\n"
     )
     return path
 
 
-def write_site_toml(root: Path, name: str, superlink_port: int, data: Path, *, node_port: int | None = None) -> Path:
+def write_site_toml(
+    root: Path, name: str, superlink_port: int, data: Path, *, node_port: int | None = None, labels: Path | None = None
+) -> Path:
     """root/<name>/site.toml with its key pair in root/<name>/ and the federation CA from root/certs."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "site.toml"
+    labels_line = f'labels = "{labels}"\n' if labels else ""
     path.write_text(
         "[site]\n"
         f'name = "{name}"\n'
         f'data = "{data}"\n'
+        f"{labels_line}"
         'cache = "cache"\n'
         'state = "state"\n'
         "threads = 1\n"
@@ -90,13 +101,13 @@ class Deployment:
     sites: dict[str, SiteConfig] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
 
-    def add_site(self, name: str, data: Path, *, register: bool = True) -> SiteConfig:
+    def add_site(self, name: str, data: Path, *, register: bool = True, labels: Path | None = None) -> SiteConfig:
         """Create the site's keys and site.toml; with register, copy its .pub to the server's keys folder."""
         keys = create_site_keys(self.root / name, name)
         if register:
             self.server.keys.mkdir(parents=True, exist_ok=True)
             (self.server.keys / f"{name}.pub").write_bytes(keys.public_key.read_bytes())
-        site = load_site_config(write_site_toml(self.root, name, self.server.listen_port, data))
+        site = load_site_config(write_site_toml(self.root, name, self.server.listen_port, data, labels=labels))
         self.sites[name] = site
         return site
 

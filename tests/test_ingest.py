@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG4HP41
 from typer.testing import CliRunner
 
-from builders import gradient_frames, us_cine
+from builders import gradient_frames, header_phi, us_cine
 from fedecho.cli import app
 from fedecho.data import EchoVideoDataset, Reason, decode_video, open_source
 from fedecho.data.clips import to_uint8_gray_or_rgb
@@ -32,38 +32,6 @@ from fedecho.privacy.deid import (
 from fedecho.storage.files import file_sha256
 from fedecho.storage.site_store import SiteStore
 from fedecho.synth.dicom_writer import _finish
-
-PHI_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "OtherPatientIDs",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "InstitutionName",
-    "InstitutionAddress",
-    "ReferringPhysicianName",
-    "OperatorsName",
-    "StationName",
-    "DeviceSerialNumber",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-)
-
-
-def _phi(archive: Path) -> set[str]:
-    """Every identifying string the phantom wrote into its headers (and their name parts)."""
-    out: set[str] = set()
-    for path in archive.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for kw in PHI_KEYWORDS:
-            value = str(ds.get(kw, "") or "")
-            out.update(p for p in [value, *value.split("^")] if len(p) >= 4)
-        birth = str(ds.PatientBirthDate)
-        out.add(f"{birth[6:]}/{birth[4:6]}/{birth[:4]}")  # as burned into the pixels
-    return out
 
 
 def _run(*args: str) -> str:
@@ -85,7 +53,7 @@ def registered(dicom_phantom: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_no_identifier_reaches_the_site_folder_or_the_output(registered: tuple[Path, Path, str, str]) -> None:
     archive, site, output, _ = registered
-    phi = _phi(archive)
+    phi = header_phi(archive)
     assert len(phi) > 20
     files = [p for p in site.rglob("*") if p.is_file() and p.name != SALT_FILE]
     assert {p.name for p in files} >= {"site.db"} and len(list((site / VIDEOS).glob("*.npy"))) >= 2

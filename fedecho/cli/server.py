@@ -185,6 +185,8 @@ def _require_up(cfg: ServerConfig) -> None:
 
 def _submit(cfg: ServerConfig, run_toml: Path | None, resume: int, detach: bool) -> None:
     _require_up(cfg)
+    if cfg.trace_messages:
+        console.print(f"tracing every message of the run into {cfg.state / 'trace'}", highlight=False)
     try:
         sub = submit_run(
             cfg, run_toml, resume, stream=not detach, echo=lambda line: console.print(escape(line), highlight=False)
