@@ -43,4 +43,3 @@ def federated_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("federated")
     synthesize(out, videos=14, sites=2, fmt="echonet", seed=5, max_frames=24, progress=False)
     return out
-
