@@ -43,6 +43,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/phantom_learnability.py
 	$(BIN)/python bench/local_training.py
+	$(BIN)/python bench/dp_step.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
