@@ -107,10 +107,12 @@ def show_results(store: Store, run_id: int, console: Console) -> None:
     keys: list[str] = []
     for r in rounds:
         for k in [*r.train, *r.evaluate, *r.server]:
-            if k not in keys and (k == "train_loss" or k.endswith(("_loss", "_mae", "_r2", "_auroc", "_accuracy"))):
+            if k not in keys and (k == "train_loss" or k.endswith(("_loss", "_mae", "_r2", "_auroc"))):
                 keys.append(k)
-    for col in ("phase", "round", "sites", *keys):
-        table.add_column(col, justify="left" if col == "phase" else "right")
+    table.caption = "val_*: the sites' VAL splits, weighted by videos; server_*: the server's own held-out set"
+    table.add_column("phase", no_wrap=True, min_width=8)
+    for col in ("round", "sites", *keys):
+        table.add_column(col.replace("_", " "), justify="right")  # spaces let narrow terminals wrap headers
     for r in rounds:
         values = {**r.train, **r.evaluate, **r.server}
         table.add_row(
