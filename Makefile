@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/phantom_learnability.py
 	$(BIN)/python bench/local_training.py
 	$(BIN)/python bench/dp_step.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/mae_step.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/data_loader.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,184 @@
+"""Masked-autoencoder training step: fedecho against transformers' VideoMAEForPreTraining at the same configuration.
+
+    OMP_NUM_THREADS=2 python bench/mae_step.py --steps 5 --threads 2 [--include-base]
+
+Both arms build the same architecture (encoder, decoder 192/4/3 or 384/4/6, norm-pix loss, tube
+masking at 0.85 with the same masks) and time a full step: forward, backward and torch AdamW.
+Each (model, arm) runs in its own subprocess so its peak memory is its own: max RSS
+(getrusage) minus the max RSS after imports, i.e. weights, optimiser state and activations.
+fedecho's FLOPs per step are counted with torch.utils.flop_counter and divided by its median step
+time; the fp32 matrix-multiply peak is a timed square torch.mm in the same run, same threads.
+Writes bench/results/mae_step.json. Issue 6's targets: at least 1.3x transformers' speed, at most
+0.8x its peak memory, at least 60 % of the matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+BATCH = {"echo_vit_tiny": 2, "echo_vit_small": 2, "echo_vit_base": 1}
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best-of fp32 torch.mm throughput: the ceiling a dense step could reach on this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def build_arm(model_name: str, arm: str, batch: int) -> tuple[torch.nn.Module, Any]:
+    """The model and a step closure (forward + backward) on fixed random clips and masks."""
+    from fedecho.models import create_model, model_config
+    from fedecho.models.videomae import random_mask, tube_mask
+
+    mc = model_config(model_name)
+    video = torch.rand(batch, 3, mc.num_frames, mc.img_size, mc.img_size, generator=torch.Generator().manual_seed(0))
+    masking = tube_mask if mc.mask_type == "tube" else random_mask  # as EchoVisionFM.make_mask
+    mask = masking(batch, mc.grid, mc.mask_ratio, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    if arm == "fedecho":
+        fm = create_model(model_name, decoder=True)  # only this arm's model is ever built in its process
+
+        def step() -> torch.Tensor:
+            loss, _, _ = fm.forward_pretrain(video, mask)
+            loss.backward()
+            return loss
+
+        return fm, step
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    hf_cfg = VideoMAEConfig(
+        image_size=mc.img_size, patch_size=mc.patch_size, num_frames=mc.num_frames, tubelet_size=mc.tubelet_size,
+        hidden_size=mc.embed_dim, num_hidden_layers=mc.depth, num_attention_heads=mc.num_heads,
+        intermediate_size=int(mc.embed_dim * mc.mlp_ratio), decoder_hidden_size=mc.decoder_dim,
+        decoder_num_hidden_layers=mc.decoder_depth, decoder_num_attention_heads=mc.decoder_heads,
+        decoder_intermediate_size=int(mc.decoder_dim * mc.mlp_ratio), norm_pix_loss=mc.norm_pix_loss,
+        use_mean_pooling=not mc.encoder_norm, qkv_bias=mc.qkv_bias, layer_norm_eps=mc.norm_eps,
+    )  # fmt: skip
+    hf = VideoMAEForPreTraining(hf_cfg)
+    pixels = (video.permute(0, 2, 1, 3, 4) - IMAGENET_MEAN) / IMAGENET_STD  # the processor's job, not timed
+
+    def hf_step() -> torch.Tensor:
+        loss = hf(pixel_values=pixels, bool_masked_pos=mask).loss
+        loss.backward()
+        return loss
+
+    return hf, hf_step
+
+
+def worker(model_name: str, arm: str, batch: int, warmup: int, steps: int) -> dict[str, Any]:
+    """One (model, arm) in a fresh process: median step time, peak RSS above imports, FLOPs per step."""
+    import fedecho.models  # noqa: F401  (imports count as baseline, not as the arm's memory)
+
+    if arm == "transformers":
+        import transformers  # noqa: F401
+    base = max_rss_mb()
+    model, step = build_arm(model_name, arm, batch)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.98))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = max_rss_mb() - base
+    with FlopCounterMode(display=False) as counter:
+        step()
+    opt.zero_grad(set_to_none=True)
+    out: dict[str, Any] = {
+        "s_per_step": statistics.median(times), "times": times, "peak_mb": peak,
+        "gflop_per_step": counter.get_total_flops() / 1e9,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }  # fmt: skip
+    if arm == "transformers":
+        out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    return out
+
+
+def run_worker(model_name: str, arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", model_name, arm, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode:
+        raise RuntimeError(f"{model_name}/{arm} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="echo_vit_small", help="comma-separated")
+    p.add_argument("--include-base", action="store_true", help="add echo_vit_base (224 px, batch 1; slow on CPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("bench/results/mae_step.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        name, arm = args.worker
+        print(json.dumps(worker(name, arm, BATCH.get(name, 2), args.warmup, args.steps)))
+        return
+    models = [m for m in args.models.split(",") if m]
+    if args.include_base and "echo_vit_base" not in models:
+        models.append("echo_vit_base")
+    peak_gflops = matmul_gflops()
+    rows: list[dict[str, Any]] = []
+    for name in models:
+        fe, hf = run_worker(name, "fedecho", args), run_worker(name, "transformers", args)
+        achieved = fe["gflop_per_step"] / fe["s_per_step"]
+        rows.append({
+            "model": name, "batch": BATCH.get(name, 2), "fedecho": fe, "transformers": hf,
+            "speed_ratio": hf["s_per_step"] / fe["s_per_step"], "memory_ratio": fe["peak_mb"] / hf["peak_mb"],
+            "fedecho_gflops": achieved, "fraction_of_matmul_peak": achieved / peak_gflops,
+        })  # fmt: skip
+        print(f"{name}: fedecho {fe['s_per_step']:.3f} s, transformers {hf['s_per_step']:.3f} s", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"threads": args.threads, "steps": args.steps, "matmul_peak_gflops": peak_gflops, "rows": rows}
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{args.threads} threads, fp32 matmul peak {peak_gflops:.1f} GFLOP/s (2048^2 torch.mm)\n")
+    print(
+        "| model | fedecho s/step | transformers s/step | speed ratio | fedecho peak MB | transformers peak MB "
+        "| memory ratio | fedecho GFLOP/s | % of matmul peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fe, hf = r["fedecho"], r["transformers"]
+        print(
+            f"| {r['model']} (batch {r['batch']}) | {fe['s_per_step']:.3f} | {hf['s_per_step']:.3f} "
+            f"| {r['speed_ratio']:.2f}x | {fe['peak_mb']:.0f} | {hf['peak_mb']:.0f} | {r['memory_ratio']:.2f}x "
+            f"| {r['fedecho_gflops']:.1f} | {100 * r['fraction_of_matmul_peak']:.0f} % |"
+        )
+    print("\nTargets (issue 6): speed ratio >= 1.3x, memory ratio <= 0.8x, >= 60 % of the matmul peak.")
+
+
+if __name__ == "__main__":
+    main()
