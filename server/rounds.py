@@ -90,6 +90,15 @@ class SiteReply:
 _REFUSED_BY = re.compile(r"^refused by site (.+?): ")
 
 
+@dataclass
+class Outgoing:
+    master: dict[str, torch.Tensor]  # fp32 copies of the exchanged tensors
+    fp32: ArrayRecord  # what the strategy sees (FedOpt keeps it as its current weights)
+    down: ArrayRecord  # the same in the wire precision
+    with_frozen: ArrayRecord  # down plus the frozen encoder (frozen-encoder fine-tuning)
+    frozen_digest: str  # hash of the frozen tensors as a site holds them; "" when nothing is frozen
+
+
 def _site_name(msg: Message, names: dict[int, str]) -> str:
     node = msg.metadata.src_node_id
     if msg.has_content() and "info" in msg.content:
@@ -184,12 +193,8 @@ class FederatedRun:
     def one_round(self, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, strategy: Strategy) -> None:
         pcfg = self.cfg.phase(phase)
         t0 = time.time()
-        keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
-        state = model.state_dict()
-        master = {k: state[k].detach().float().clone() for k in keys}
-        fkeys = frozen_keys(model, phase, pcfg.freeze_encoder)
-        frozen = {k: state[k].detach().float() for k in fkeys}
-        frozen_digest = state_hash(wire_round(frozen, self.wire)) if frozen else ""
+        out = self.outgoing(model, phase)
+        master, keys = out.master, list(out.master)
         config = ConfigRecord(
             {
                 "run-toml": self.cfg.text,
@@ -197,28 +202,19 @@ class FederatedRun:
                 "lr": round_lr(pcfg, server_round),
                 "seed": round_seed(self.cfg.run.seed, phase, server_round),
                 "wire-dtype": self.wire,
-                "frozen-sha256": frozen_digest,
+                "frozen-sha256": out.frozen_digest,
                 "run-id": self.run_id,  # for the sites' audit logs
             }
         )
         seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "sampling"))
-        fp32 = ArrayRecord({k: Array(v.numpy()) for k, v in master.items()})
-        planned = list(strategy.configure_train(server_round, fp32, config, grid))
-        down = encode(master, self.wire) if self.wire != "float32" else fp32
-        with_frozen = encode({**master, **frozen}, self.wire) if frozen else down
-        messages = []
-        for m in planned:
-            node = m.metadata.dst_node_id
-            arrays = down if not frozen or node in self.holding_frozen else with_frozen
-            options = ConfigRecord(dict(m.content["config"]))
-            options["seed"] = round_seed(self.cfg.run.seed, phase, server_round)
-            messages.append(Message(RecordDict({"arrays": arrays, "config": options}), node, MessageType.TRAIN))
+        planned = list(strategy.configure_train(server_round, out.fp32, config, grid))
+        messages = self.address(planned, out, MessageType.TRAIN)
         replies = self.exchange(grid, messages)
         expected = {k: v.shape for k, v in master.items()}
         results: list[SiteReply] = []
         for msg, reply in replies:
             results.append(self.check_train_reply(msg, reply, expected))
-            if frozen and results[-1].status == "ok":
+            if out.frozen_digest and results[-1].status == "ok":
                 self.holding_frozen.add(msg.metadata.dst_node_id)
         accepted = sorted((r for r in results if r.status == "ok"), key=lambda r: r.site)
         if len(accepted) < self.min_sites:
@@ -308,6 +304,31 @@ class FederatedRun:
         )  # fmt: skip
 
     # -------------------------------------------------------------- messaging
+    def outgoing(self, model: EchoVisionFM, phase: str) -> Outgoing:
+        """The global tensors of this phase as they go out: fp32 for the strategy, the wire precision
+        for the sites, and once more with the frozen encoder for sites that do not hold it yet."""
+        freeze = self.cfg.phase(phase).freeze_encoder
+        state = model.state_dict()
+        master = {k: state[k].detach().float().clone() for k in exchanged_keys(model, phase, freeze)}
+        frozen = {k: state[k].detach().float() for k in frozen_keys(model, phase, freeze)}
+        fp32 = ArrayRecord({k: Array(v.numpy()) for k, v in master.items()})
+        down = encode(master, self.wire) if self.wire != "float32" else fp32
+        if not frozen:
+            return Outgoing(master, fp32, down, down, "")
+        with_frozen = ArrayRecord()
+        for name, array in [*down.items(), *encode(frozen, self.wire).items()]:
+            with_frozen[name] = array
+        return Outgoing(master, fp32, down, with_frozen, state_hash(wire_round(frozen, self.wire)))
+
+    def address(self, planned: list[Message], out: Outgoing, message_type: str) -> list[Message]:
+        """One message per site the strategy sampled, carrying the frozen encoder only where it is missing."""
+        messages = []
+        for m in planned:
+            node = m.metadata.dst_node_id
+            arrays = out.with_frozen if out.frozen_digest and node not in self.holding_frozen else out.down
+            messages.append(Message(RecordDict({"arrays": arrays, "config": m.content["config"]}), node, message_type))
+        return messages
+
     def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[Message, Message | None]]:
         """Send, then collect replies until all are in or the deadline passes (a site that died
         mid-round costs at most the round timeout; Flower itself answers for sites it knows are gone)."""
@@ -343,23 +364,10 @@ class FederatedRun:
         train_config: ConfigRecord,
     ) -> dict[str, float]:
         """Each sampled site scores the new global model on its validation split; means weighted by videos."""
-        pcfg = self.cfg.phase(phase)
-        state = model.state_dict()
-        keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
-        master = {k: state[k].detach().float() for k in keys}
-        fkeys = frozen_keys(model, phase, pcfg.freeze_encoder)
-        frozen = {k: state[k].detach().float() for k in fkeys}
-        config = ConfigRecord(dict(train_config))
-        down = encode(master, self.wire)
-        with_frozen = encode({**master, **frozen}, self.wire) if frozen else down
+        out = self.outgoing(model, phase)
         seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "evaluate"))
-        fp32 = ArrayRecord({k: Array(v.numpy()) for k, v in master.items()})
-        planned = list(strategy.configure_evaluate(server_round, fp32, config, grid))
-        messages = []
-        for m in planned:
-            node = m.metadata.dst_node_id
-            arrays = down if not frozen or node in self.holding_frozen else with_frozen
-            messages.append(Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.EVALUATE))
+        planned = list(strategy.configure_evaluate(server_round, out.fp32, ConfigRecord(dict(train_config)), grid))
+        messages = self.address(planned, out, MessageType.EVALUATE)
         totals: dict[str, float] = {}
         weight = 0.0
         for msg, reply in self.exchange(grid, messages):
@@ -377,7 +385,7 @@ class FederatedRun:
                 phase, server_round, "evaluate", SiteReply(site, node, "ok", metrics, bytes_down=down_bytes)
             )
             n = metrics.get("num-examples", 0.0)
-            if frozen:
+            if out.frozen_digest:
                 self.holding_frozen.add(node)
             if n > 0:
                 weight += n
