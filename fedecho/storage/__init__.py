@@ -14,6 +14,7 @@ from fedecho.storage.files import atomic_path, atomic_write_bytes, atomic_write_
 if TYPE_CHECKING:
     from fedecho.storage.store import (
         DEFAULT_STATE,
+        AuditRow,
         CheckpointRow,
         EventRow,
         PhaseRow,
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
         store_url,
     )
 
+# Listed twice on purpose: __all__ must be a literal for linters and type checkers to see the re-exports.
 _STORE_NAMES = {
     "DEFAULT_STATE",
+    "AuditRow",
     "CheckpointRow",
     "EventRow",
     "PhaseRow",
@@ -51,6 +54,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_STATE",
+    "AuditRow",
     "CheckpointRow",
     "EventRow",
     "PhaseRow",
