@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedecho._proc import is_loopback
+from fedecho._proc import StateFolder, is_loopback
 from fedecho._toml import Table, read_toml
 from fedecho.client.policy import DEFAULT_POLICY, SitePolicy, parse_policy
 from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, parse_privacy
@@ -23,7 +23,7 @@ DEFAULT_SUPERNODE_PORT = 9094
 
 
 @dataclass(frozen=True)
-class SiteConfig:
+class SiteConfig(StateFolder):
     """One site; see configs/site.example.toml for each field."""
 
     path: Path
@@ -43,14 +43,6 @@ class SiteConfig:
     policy: SitePolicy = DEFAULT_POLICY  # [policy]: what this site agrees to do (fedecho.client.policy)
     privacy: PrivacyPolicy = DEFAULT_PRIVACY  # [privacy]: DP-SGD, budget and delta (fedecho.privacy.dp_policy)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole file, for the ClientApp's own tables
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.state / "flwr"
-
-    @property
-    def logs(self) -> Path:
-        return self.state / "logs"
 
     @property
     def superlink_is_loopback(self) -> bool:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 from fedecho._env import NO_TELEMETRY
 
@@ -154,6 +155,14 @@ class LogFollower:
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
 
+    @classmethod
+    def from_end(cls, path: Path) -> LogFollower:
+        """Follow only what is written from now on (the log of an earlier start stays unechoed)."""
+        follower = cls(path)
+        if path.exists():
+            follower.offset = path.stat().st_size
+        return follower
+
     def read_new(self) -> list[str]:
         try:
             with open(self.path, "rb") as f:
@@ -174,3 +183,28 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGINT both end a foreground supervisor with KeyboardInterrupt (SIGINT also when
+    started from a shell that ignores it), so its `finally` stops the child cleanly."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class StateFolder:
+    """The layout of a Flower process's state folder, shared by the server's and the sites' configs."""
+
+    state: Path
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state / "flwr"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"

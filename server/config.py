@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedecho._proc import is_loopback
+from fedecho._proc import StateFolder, is_loopback
 from fedecho._toml import ConfigFileError, Table, read_toml
 from fedecho.security.certs import CertError, split_host_port
 
@@ -19,7 +19,7 @@ CONNECTION = "fedecho"  # the name of the SuperLink connection in $FLWR_HOME/con
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(StateFolder):
     """Everything `fedecho server start|run|status` needs; see configs/server.toml for each field."""
 
     path: Path
@@ -52,14 +52,6 @@ class ServerConfig:
     def database(self) -> Path:
         """The SuperLink's own state (runs, nodes, messages): persistent, so a restart keeps registrations."""
         return self.state / "superlink.db"
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.state / "flwr"
-
-    @property
-    def logs(self) -> Path:
-        return self.state / "logs"
 
     @property
     def loopback_only(self) -> bool:

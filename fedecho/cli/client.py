@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -10,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedecho._proc import LogFollower, stop
+from fedecho._proc import LogFollower, stop, stop_on_signals
 from fedecho._toml import ConfigFileError
-from fedecho.cli.server import _raise_interrupt, insecure_warning
+from fedecho.cli.server import insecure_warning
 from fedecho.client.config import load_site_config
 from fedecho.client.supernode import SuperNodeError, node_id_in_log, refused_in_log, start_supernode
 
@@ -49,12 +48,9 @@ def start(
         insecure_warning(f"site {cfg.name}'s SuperNode")
     if not cfg.data.exists():
         console.print(f"[yellow]warning:[/] {escape(f'{cfg.path}: [site].data = {cfg.data} does not exist (yet)')}")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started from a shell that ignores it
+    stop_on_signals()
     log = cfg.logs / "supernode.log"
-    follower = LogFollower(log)
-    if log.exists():
-        follower.offset = log.stat().st_size
+    follower = LogFollower.from_end(log)
     try:
         proc = start_supernode(cfg, insecure, log)
     except (SuperNodeError, OSError) as e:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
-from types import FrameType
 
 import typer
 from rich.console import Console
@@ -15,7 +13,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from fedecho._proc import LogFollower, stop
+from fedecho._proc import LogFollower, stop, stop_on_signals
 from fedecho._toml import ConfigFileError
 from fedecho.server.config import ServerConfig, load_server_config
 from fedecho.server.submit import submit_run
@@ -60,10 +58,6 @@ def insecure_warning(what: str) -> None:
             border_style="red",
         )
     )
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def _read_pid(cfg: ServerConfig) -> dict[str, object]:
@@ -116,12 +110,9 @@ def start(
     old = _read_pid(cfg)
     if _alive(old.get("pid")):
         raise _fail(f"a SuperLink for {cfg.state} is already running (pid {old['pid']})")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started from a shell that ignores it
+    stop_on_signals()
     log = cfg.logs / "superlink.log"
-    follower = LogFollower(log)
-    if log.exists():
-        follower.offset = log.stat().st_size
+    follower = LogFollower.from_end(log)
     try:
         proc = start_superlink(cfg, insecure, log)
     except (SuperLinkError, OSError) as e:
