@@ -111,6 +111,13 @@ class Deployment:
         self.sites[name] = site
         return site
 
+    def start_all(self) -> None:
+        """The SuperLink, the sites' key registrations, then every added site's SuperNode (connected)."""
+        self.start_superlink()
+        self.register()
+        for name in self.sites:
+            self.start_supernode(name)
+
     def start_superlink(self, timeout: float = 60.0) -> None:
         self.superlink = start_superlink(self.server)
         wait_ready(self.server, self.superlink, timeout=timeout)

@@ -36,10 +36,7 @@ def test_sites_run_only_approved_bundles(federated_phantom: Path, tmp_path: Path
     try:
         for name in ("site01", "site02"):
             dep.add_site(name, federated_phantom / name)
-        dep.start_superlink()
-        dep.register()
-        for name in ("site01", "site02"):
-            dep.start_supernode(name)
+        dep.start_all()
         run_toml = tmp_path / "tiny.toml"
         run_toml.write_text(tiny_run(pretrain_rounds=1, finetune_rounds=0))
         lines: list[str] = []

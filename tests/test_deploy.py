@@ -68,9 +68,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     dep = make_deployment(root, min_sites=1)
     try:
         dep.add_site("alpha", root / "no-data")
-        dep.start_superlink()
-        dep.register()
-        dep.start_supernode("alpha")
+        dep.start_all()
         yield dep
     finally:
         dep.close()

@@ -40,10 +40,7 @@ def federation(federated_phantom: Path, tmp_path: Path) -> Iterator[Deployment]:
     try:
         for name in ("site01", "site02"):
             dep.add_site(name, federated_phantom / name)
-        dep.start_superlink()
-        dep.register()
-        for name in ("site01", "site02"):
-            dep.start_supernode(name)
+        dep.start_all()
         yield dep
     finally:
         dep.close()

@@ -100,10 +100,7 @@ def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proof]:
     try:
         dep.add_site("site01", site01_data)  # the de-identified site folder
         dep.add_site("site02", archive / "site02", labels=archive / "site02" / "labels.csv")  # the raw archive
-        dep.start_superlink()
-        dep.register()
-        for name in ("site01", "site02"):
-            dep.start_supernode(name)
+        dep.start_all()
         run_toml = root / "tiny.toml"
         run_toml.write_text(tiny_run(pretrain_rounds=1, finetune_rounds=1))
         fedecho = Path(sys.executable).with_name("fedecho")
