@@ -6,6 +6,7 @@ pixels. Parameter layout follows VideoMAE so published weights import unchanged.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -26,21 +27,30 @@ def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float32)
 
 
+def tubelets(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> a view (B, T', H', W', C, tubelet, patch, patch): one entry per token, no copy,
+    so a mask can gather just the tokens it needs (the visible ones to embed, the masked ones to predict)."""
+    b, c, t, h, w = video.shape
+    x = video.view(b, c, t // tubelet, tubelet, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+
+
 def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     """(B, C, T, H, W) -> (B, N, tubelet*patch*patch*C), tokens in (t, h, w) order, C last."""
-    b, c, t, h, w = video.shape
-    x = video.reshape(b, c, t // tubelet, tubelet, h // patch, patch, w // patch, patch)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch * c)
+    x = tubelets(video, tubelet, patch)
+    return x.permute(0, 1, 2, 3, 5, 6, 7, 4).reshape(x.shape[0], -1, math.prod(x.shape[4:]))
+
+
+def norm_pix(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Normalise pixels along `dim` to mean 0 and unbiased std 1 (+ 1e-6): VideoMAE's per-patch target."""
+    return (p - p.mean(dim=dim, keepdim=True)) / (p.var(dim=dim, unbiased=True, keepdim=True).sqrt() + 1e-6)
 
 
 def normalized_targets(video01: torch.Tensor, tubelet: int, patch: int, channels: int) -> torch.Tensor:
     """Per-patch, per-channel normalised pixels (mean 0, unbiased std 1, + 1e-6), VideoMAE's target."""
     p = patchify(video01, tubelet, patch)
     b, n, d = p.shape
-    p = p.reshape(b, n, d // channels, channels)
-    p = (p - p.mean(dim=-2, keepdim=True)) / (p.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
-    return p.reshape(b, n, d)
+    return norm_pix(p.reshape(b, n, d // channels, channels), dim=-2).reshape(b, n, d)
 
 
 def tube_mask(
@@ -78,14 +88,24 @@ def _blocks(
     )
 
 
+class TubeletConv(nn.Conv3d):
+    """VideoMAE's tubelet Conv3d (kernel = stride, so its weights import unchanged) applied as one matmul to
+    gathered tubelets (B, N, C, tubelet, patch, patch) -> (B, N, D): a strided convolution's weight gradient
+    is far slower on CPU, and only the tokens the encoder will see are embedded. Its own type (not Conv3d)
+    makes Opacus compute its per-sample gradients generically (functorch) from the batch-first input."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(patches.flatten(2), self.weight.flatten(1), self.bias)
+
+
 class TubeletEmbed(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         k = (cfg.tubelet_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=k, stride=k)
+        self.proj = TubeletConv(cfg.in_chans, cfg.embed_dim, kernel_size=k, stride=k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches)
 
 
 class VideoMAEEncoder(nn.Module):
@@ -96,8 +116,9 @@ class VideoMAEEncoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = TubeletEmbed(cfg)
         self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.embed_dim)[None], persistent=False)
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1, 1), persistent=False)
+        # (C, 1, 1, 1): broadcast over gathered tubelets (..., C, tubelet, patch, patch)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(-1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(-1, 1, 1, 1), persistent=False)
         self.blocks = _blocks(
             cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.drop_path
         )
@@ -112,11 +133,17 @@ class VideoMAEEncoder(nn.Module):
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """video (B, C, T, H, W) in [0, 1]; mask (B, N) True = hidden. Returns (B, N_visible, D)."""
         self.check_input(video)
-        x = self.patch_embed((video - self.mean) / self.std)
-        x = x + self.pos_embed.to(x.dtype)
-        if mask is not None:
-            b, _, d = x.shape
-            x = x[~mask].reshape(b, -1, d)
+        c = self.cfg
+        b = video.shape[0]
+        tokens = tubelets(video, c.tubelet_size, c.patch_size)  # a view: gather before any copy
+        pos = self.pos_embed.to(video.dtype)
+        if mask is None:
+            patches = tokens.reshape(b, c.num_tokens, *tokens.shape[4:])
+        else:
+            keep = ~mask
+            patches = tokens[keep.view(tokens.shape[:4])].reshape(b, -1, *tokens.shape[4:])
+            pos = pos.expand(b, -1, -1)[keep].reshape(b, -1, pos.shape[-1])
+        x = self.patch_embed((patches - self.mean) / self.std) + pos
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -153,14 +180,13 @@ class VideoMAEDecoder(nn.Module):
 def reconstruction_loss(
     pred: torch.Tensor, video01: torch.Tensor, mask: torch.Tensor, cfg: ModelConfig
 ) -> torch.Tensor:
-    """MSE between predicted and target pixels of the masked tokens only."""
+    """MSE between predicted and target pixels of the masked tokens only (only those are gathered)."""
     with torch.no_grad():
+        tokens = tubelets(video01, cfg.tubelet_size, cfg.patch_size)
+        target = tokens[mask.view(tokens.shape[:4])]  # (B * N_masked, C, tubelet, patch, patch)
         if cfg.norm_pix_loss:
-            target = normalized_targets(video01, cfg.tubelet_size, cfg.patch_size, cfg.in_chans)
-        else:
-            target = patchify(video01, cfg.tubelet_size, cfg.patch_size)
-        b = target.shape[0]
-        target = target[mask].reshape(b, -1, target.shape[-1])
+            target = norm_pix(target.flatten(2), dim=-1).view_as(target)
+        target = target.permute(0, 2, 3, 4, 1).reshape(pred.shape)  # C last, as patchify and the head
     return nn.functional.mse_loss(pred.float(), target.float())
 
 
