@@ -211,3 +211,17 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(ValueError, match="unknown model config field"):
         model_config("echo_vit_tiny", embed_dims=3)
+
+
+def test_attention_variants_agree() -> None:
+    """The written-out softmax(QK^T)V path is the same model as SDPA's fused kernels."""
+    torch.manual_seed(0)
+    fused = create_model("echo_vit_tiny").eval()
+    explicit = create_model("echo_vit_tiny", attention="explicit").eval()
+    explicit.load_state_dict(fused.state_dict())
+    assert not explicit.encoder.blocks[0].attn.fused_attn
+    v = torch.rand(1, 3, 16, 112, 112)
+    with torch.no_grad():
+        assert (fused.forward_features(v) - explicit.forward_features(v)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="attention"):
+        create_model("echo_vit_tiny", attention="flash")

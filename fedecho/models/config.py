@@ -39,6 +39,9 @@ class ModelConfig:
     mask_type: Literal["tube", "random"] = "tube"
     norm_pix_loss: bool = True
     drop_path: float = 0.0
+    # "sdpa": F.scaled_dot_product_attention (fused kernels); "explicit": softmax(QK^T / sqrt(d)) V written out
+    # (timm's non-fused path: attention maps can be inspected, any backend can differentiate it).
+    attention: Literal["sdpa", "explicit"] = "sdpa"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # Fine-tuning: fusion and heads.
@@ -65,6 +68,8 @@ class ModelConfig:
             problems.append(f"mask_ratio must be in [0, 1), not {self.mask_ratio}")
         if self.mask_type not in ("tube", "random"):
             problems.append(f"mask_type must be 'tube' or 'random', not {self.mask_type!r}")
+        if self.attention not in ("sdpa", "explicit"):
+            problems.append(f"attention must be 'sdpa' or 'explicit', not {self.attention!r}")
         if self.fusion not in ("stf", "max"):
             problems.append(f"fusion must be 'stf' or 'max', not {self.fusion!r}")
         if self.head not in ("linear", "mlp"):

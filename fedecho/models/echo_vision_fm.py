@@ -3,6 +3,8 @@ max-pool fusion, and task heads, in one module so a checkpoint carries a whole p
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -57,6 +59,13 @@ class EchoVisionFM(nn.Module):
             "stem": r"^encoder\.patch_embed",
             "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
         }
+
+    def compile_regions(self, **options: Any) -> None:
+        """torch.compile each transformer block and the fusion in place (parameter names unchanged): each
+        region sees fixed shapes, and the mask's data-dependent gathers stay eager between them."""
+        blocks = [*self.encoder.blocks, *(self.decoder.blocks if self.decoder is not None else [])]
+        for region in [*blocks, *([self.fusion] if self.fusion is not None else [])]:
+            region.compile(**options)
 
     def make_mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         fn = tube_mask if self.cfg.mask_type == "tube" else random_mask

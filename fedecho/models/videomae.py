@@ -43,7 +43,8 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
 
 def norm_pix(p: torch.Tensor, dim: int) -> torch.Tensor:
     """Normalise pixels along `dim` to mean 0 and unbiased std 1 (+ 1e-6): VideoMAE's per-patch target."""
-    return (p - p.mean(dim=dim, keepdim=True)) / (p.var(dim=dim, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    var, mean = torch.var_mean(p, dim=dim, unbiased=True, keepdim=True)
+    return (p - mean) / (var.sqrt() + 1e-6)
 
 
 def normalized_targets(video01: torch.Tensor, tubelet: int, patch: int, channels: int) -> torch.Tensor:
@@ -78,14 +79,16 @@ def random_mask(
     return mask
 
 
-def _blocks(
-    dim: int, depth: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, drop_path: float
-) -> nn.ModuleList:
+def _blocks(dim: int, depth: int, heads: int, cfg: ModelConfig, eps: float, drop_path: float) -> nn.ModuleList:
     norm = functools.partial(nn.LayerNorm, eps=eps)  # timm passes device/dtype to norm_layer
     rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
-    return nn.ModuleList(
-        [Block(dim, heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm, drop_path=rates[i]) for i in range(depth)]
-    )
+    blocks = [
+        Block(dim, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=norm, drop_path=rates[i])
+        for i in range(depth)
+    ]
+    for blk in blocks:
+        blk.attn.fused_attn = cfg.attention == "sdpa"  # timm's switch between SDPA and the written-out product
+    return nn.ModuleList(blocks)
 
 
 class TubeletConv(nn.Conv3d):
@@ -119,9 +122,7 @@ class VideoMAEEncoder(nn.Module):
         # (C, 1, 1, 1): broadcast over gathered tubelets (..., C, tubelet, patch, patch)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(-1, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(-1, 1, 1, 1), persistent=False)
-        self.blocks = _blocks(
-            cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, cfg.drop_path
-        )
+        self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg, cfg.norm_eps, cfg.drop_path)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.encoder_norm else nn.Identity()
 
     def check_input(self, video: torch.Tensor) -> None:
@@ -156,9 +157,7 @@ class VideoMAEDecoder(nn.Module):
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.decoder_dim)[None], persistent=False)
-        self.blocks = _blocks(
-            cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps, 0.0
-        )
+        self.blocks = _blocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg, cfg.norm_eps, 0.0)
         self.norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.decoder_norm_eps)
         self.head = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)

