@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,16 @@ def decode_video(source: EchoSource, record: VideoRecord, size: int | None) -> n
 
 
 class FrameCache:
+    MAX_MAPPED = 256
+
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else DEFAULT_CACHE
         (self.root / "frames").mkdir(parents=True, exist_ok=True)
         (self.root / "hashes").mkdir(parents=True, exist_ok=True)
         self._keys: dict[tuple[str, str, int], str] = {}
+        # Entries already mapped, most recent last: training reads every video each epoch, and opening one
+        # (stat, header parse, mmap) costs as much as augmenting a clip. Bounded: each holds a descriptor.
+        self._mapped: OrderedDict[Path, np.ndarray] = OrderedDict()
 
     def file_hash(self, path: Path) -> str:
         st = path.stat()
@@ -85,17 +91,24 @@ class FrameCache:
     def load(self, source: EchoSource, record: VideoRecord, size: int, _retry: bool = True) -> np.ndarray:
         """Memory-mapped frames of the record, decoding (once) on a miss."""
         path = self.path(self.key(source, record, size))
+        if path in self._mapped:
+            self._mapped.move_to_end(path)
+            return self._mapped[path]
         if not path.exists():
             frames = decode_video(source, record, size)
             with atomic_path(path, suffix=".npy.tmp") as tmp, open(tmp, "wb") as f:
                 np.save(f, frames)
         try:
-            return np.load(path, mmap_mode="r")
+            frames = np.load(path, mmap_mode="r")
         except (ValueError, OSError):  # damaged entry (disk trouble): drop it and decode again
             path.unlink(missing_ok=True)
             if not _retry:
                 raise
             return self.load(source, record, size, _retry=False)
+        self._mapped[path] = frames
+        if len(self._mapped) > self.MAX_MAPPED:
+            self._mapped.popitem(last=False)
+        return frames
 
     def contains(self, source: EchoSource, record: VideoRecord, size: int) -> bool:
         return self.path(self.key(source, record, size)).exists()

@@ -93,9 +93,13 @@ def to_uint8_gray_or_rgb(frames: np.ndarray, tolerance: int = 8, fraction: float
 
 
 def clip_tensor(frames: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """Gather frames (T, H, W[, 3]) uint8 into a float clip (3, L, H, W) in [0, 1]."""
+    """Gather frames (T, H, W[, 3]) uint8 into a float clip (3, L, H, W) in [0, 1].
+
+    A grayscale clip is one channel viewed three times (stride 0): converted, augmented and normalised
+    once per pixel rather than three times; batching (or normalisation) makes the three real channels."""
     x = torch.from_numpy(np.ascontiguousarray(frames[indices]))
-    x = x.unsqueeze(-1).expand(*x.shape, 3) if x.ndim == 3 else x
+    if x.ndim == 3:
+        return x.float().div_(255.0).expand(3, *x.shape)
     return x.permute(3, 0, 1, 2).float().div_(255.0)
 
 
@@ -128,24 +132,39 @@ class Augment:
 
     def __call__(self, clip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         c, t, h, w = clip.shape
-        if self.rotate_deg > 0:
-            a = math.radians(float(rng.uniform(-self.rotate_deg, self.rotate_deg)))
+        shared = c > 1 and clip.stride(0) == 0  # grayscale (clip_tensor): augment the one real channel
+        x = (clip[:1] if shared else clip).reshape(1, -1, h, w)  # every frame and channel: one image stack
+        angle = float(rng.uniform(-self.rotate_deg, self.rotate_deg)) if self.rotate_deg > 0 else None
+        sy, sx = (int(v) - self.pad for v in rng.integers(0, 2 * self.pad + 1, size=2)) if self.pad > 0 else (0, 0)
+        if angle is not None:
+            a = math.radians(angle)
             # Rotate about the top centre (the transducer, normalised (0, -1)); frames are square.
             cos, sin = math.cos(a), math.sin(a)
-            theta = torch.tensor([[cos, -sin, -sin], [sin, cos, cos - 1.0]], dtype=clip.dtype)
-            grid = torch.nn.functional.affine_grid(theta[None].expand(t, 2, 3), [t, c, h, w], align_corners=False)
-            clip = torch.nn.functional.grid_sample(clip.permute(1, 0, 2, 3), grid, align_corners=False).permute(
-                1, 0, 2, 3
-            )
-        if self.pad > 0:
-            dy, dx = (int(v) for v in rng.integers(0, 2 * self.pad + 1, size=2))
-            padded = torch.nn.functional.pad(clip, (self.pad, self.pad, self.pad, self.pad))
-            clip = padded[:, :, dy : dy + h, dx : dx + w]
+            theta = torch.tensor([[[cos, -sin, -sin], [sin, cos, cos - 1.0]]], dtype=clip.dtype)
+            grid = torch.nn.functional.affine_grid(theta, [1, 1, h, w], align_corners=False)  # one grid for all
+            # Translating the rotated image = translating the grid; pixels shifted in from outside read far
+            # outside the image, which grid_sample's zero padding makes exactly 0, as padding did.
+            if sy or sx:
+                grid = _shift(grid.movedim(-1, 1), sy, sx, fill=-4.0).movedim(1, -1)
+            x = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+        elif sy or sx:
+            x = _shift(x, sy, sx)
         if self.gain > 0 or self.gamma > 0:
             g = float(rng.uniform(1 - self.gain, 1 + self.gain))
             gm = float(rng.uniform(1 - self.gamma, 1 + self.gamma))
-            clip = (clip.clamp(0, 1) ** gm * g).clamp_(0, 1)
-        return clip.contiguous()
+            x = x.clamp(0, 1).pow_(gm).mul_(g).clamp_(0, 1)
+        x = x.reshape(-1, t, h, w)
+        return x.expand(c, t, h, w) if shared else x.contiguous()
+
+
+def _shift(x: torch.Tensor, sy: int, sx: int, fill: float = 0.0) -> torch.Tensor:
+    """out[..., y, x] = x[..., y + sy, x + sx], `fill` outside: translation by padding and cropping, one copy."""
+    h, w = x.shape[-2:]
+    out = torch.full_like(x, fill)
+    out[..., max(0, -sy) : h - max(0, sy), max(0, -sx) : w - max(0, sx)] = x[
+        ..., max(0, sy) : h - max(0, -sy), max(0, sx) : w - max(0, -sx)
+    ]
+    return out
 
 
 def normalize(clip: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
