@@ -1,0 +1,167 @@
+"""Fine-tuning step with STF-Net: eager against torch.compile, attention variants, and STF-Net's cost.
+
+    OMP_NUM_THREADS=2 python bench/finetune_step.py [--models echo_vit_small,echo_vit_tiny] [--steps 5]
+
+A step is fedecho's own: `Trainer.train_epoch` over one batch (forward through the encoder, STF-Net
+and the EF head, MSE, backward, fused AdamW from timm's factory, LR schedule), fp32 on CPU. Variants:
+- eager: SDPA attention (F.scaled_dot_product_attention picks its fused CPU kernel), fusion "stf";
+- compile: the phase option `compile` (torch.compile of each transformer block and of STF-Net); the
+  first step's time, less the steady step's, is the compile time (a fresh inductor cache per run);
+- sdpa-math: the same model under `sdpa_kernel(SDPBackend.MATH)`, SDPA's unfused reference backend;
+- explicit: the model option attention = "explicit" (softmax(QK^T / sqrt(d)) V written out);
+- max: fusion = "max" (the encoder-only baseline): the gap to eager is STF-Net's cost.
+Each (model, variant) runs in its own subprocess. Reports median step time over --steps after
+--warmup steps, and writes bench/results/finetune_step.json (with the aggregated "table").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BATCH = {"echo_vit_tiny": 2, "echo_vit_small": 2, "echo_vit_base": 1}
+VARIANTS = ("eager", "compile", "sdpa-math", "explicit", "max")
+
+
+def worker(model_name: str, variant: str, batch: int, warmup: int, steps: int) -> dict[str, Any]:
+    """One (model, variant) in a fresh process: first-step and median step seconds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fedecho.models import create_model
+    from fedecho.train import Trainer
+    from fedecho.train.config import PhaseSection
+
+    overrides: dict[str, Any] = {"tasks": ["ef"], "fusion": "max" if variant == "max" else "stf"}
+    if variant == "explicit":
+        overrides["attention"] = "explicit"
+    torch.manual_seed(0)
+    model = create_model(model_name, decoder=False, **overrides)
+    c = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    video = torch.rand(batch, 3, c.num_frames, c.img_size, c.img_size, generator=gen)
+    info = {
+        "ef": 30 + 40 * torch.rand(batch, generator=gen),
+        "frame_index": torch.arange(c.num_frames).repeat(batch, 1),
+    }
+    phase = PhaseSection(  # the paper's fine-tuning optimiser
+        epochs=1, batch_size=batch, lr=1e-4, weight_decay=1e-5, betas=[0.9, 0.99], compile=variant == "compile"
+    )
+    trainer = Trainer(model, "finetune", phase, steps_per_epoch=1, device=torch.device("cpu"))
+    backend = sdpa_kernel(SDPBackend.MATH) if variant == "sdpa-math" else contextlib.nullcontext()
+    times = []
+    with backend:
+        for _ in range(1 + warmup + steps):
+            times.append(trainer.train_epoch([(video, info)]).seconds)  # one batch: one step
+    timed = times[1 + warmup :]
+    return {"first_step_s": times[0], "s_per_step": statistics.median(timed), "times": timed}
+
+
+def run_worker(model_name: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", model_name, variant, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+    with tempfile.TemporaryDirectory() as cache:  # a cold inductor cache: the compile time is the real one
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CACHE_DIR": cache}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode:
+        raise RuntimeError(f"{model_name}/{variant} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+LABELS = {
+    "compile": "torch.compile",
+    "sdpa-math": "SDPA math backend",
+    "explicit": "explicit softmax(QK^T)V",
+    "max": "fusion=max (no STF-Net)",
+}
+
+
+def table_row(measure: str, value: float, unit: str) -> dict[str, Any]:
+    """One row of the aggregated benchmark table: this item sets no targets."""
+    return {"item": "2. Fine-tune step", "measure": measure, "value": value, "unit": unit, "target": None, "met": None}
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        m, v = r["model"], r["variants"]
+        out.append(table_row(f"eager step (SDPA, STF-Net), {m}", round(v["eager"]["s_per_step"], 3), "s/step"))
+        out += [
+            table_row(f"{label} vs eager speed, {m}", round(r["speedup"][k], 2), "x")
+            for k, label in LABELS.items()
+            if k in v
+        ]
+        if "compile" in v:
+            out.append(table_row(f"torch.compile compile time, {m}", round(r["compile_s"], 1), "s"))
+        if "max" in v:
+            out.append(table_row(f"STF-Net share of the eager step, {m}", round(100 * r["stf_share"]), "%"))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="echo_vit_small,echo_vit_tiny", help="comma-separated")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("bench/results/finetune_step.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        name, variant = args.worker
+        print(json.dumps(worker(name, variant, BATCH.get(name, 2), args.warmup, args.steps)))
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "eager" not in variants:
+        p.error(f"variants must include eager and be among {', '.join(VARIANTS)} (unknown: {unknown})")
+    rows: list[dict[str, Any]] = []
+    for name in [m for m in args.models.split(",") if m]:
+        res = {v: run_worker(name, v, args) for v in variants}
+        eager = res["eager"]["s_per_step"]
+        row: dict[str, Any] = {"model": name, "batch": BATCH.get(name, 2), "variants": res}
+        row["speedup"] = {v: eager / r["s_per_step"] for v, r in res.items()}
+        if "compile" in res:
+            row["compile_s"] = res["compile"]["first_step_s"] - res["compile"]["s_per_step"]
+        if "max" in res:
+            row["stf_share"] = (eager - res["max"]["s_per_step"]) / eager
+        rows.append(row)
+        print(f"{name}: " + ", ".join(f"{v} {r['s_per_step']:.3f} s" for v, r in res.items()), flush=True)
+    summary = {
+        "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "load_average": os.getloadavg(),
+        "rows": rows, "table": table_rows(rows),
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{args.threads} threads, fp32, median of {args.steps} steps after {args.warmup} warm-up steps\n")
+    print("| model | variant | s/step | vs eager | first step s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        for v, res in r["variants"].items():
+            print(
+                f"| {r['model']} (batch {r['batch']}) | {v} | {res['s_per_step']:.3f} | {r['speedup'][v]:.2f}x "
+                f"| {res['first_step_s']:.1f} |"
+            )
+    for r in rows:
+        extra = []
+        if "compile_s" in r:
+            extra.append(f"compile time {r['compile_s']:.1f} s")
+        if "stf_share" in r:
+            extra.append(f"STF-Net {100 * r['stf_share']:.0f} % of the eager step")
+        if extra:
+            print(f"\n{r['model']}: " + "; ".join(extra))
+
+
+if __name__ == "__main__":
+    main()
