@@ -82,14 +82,21 @@ def to_uint8_gray_or_rgb(frames: np.ndarray, tolerance: int = 8, fraction: float
     Colour Doppler and other colour content stays RGB.
     """
     if frames.ndim == 4 and frames.shape[-1] == 3:
-        f = frames.astype(np.int16)
-        spread = np.maximum(np.abs(f[..., 0] - f[..., 1]), np.abs(f[..., 0] - f[..., 2]))
-        if np.mean(spread > tolerance) < fraction:
-            return frames.mean(axis=-1).round().astype(np.uint8)
+        r, g, b = frames[..., 0], frames[..., 1], frames[..., 2]
+        spread = np.maximum(_absdiff(r, g), _absdiff(r, b))
+        if np.count_nonzero(spread > tolerance) < fraction * spread.size:
+            # The rounded channel mean in integers: (r + g + b) / 3 is never a half, so this is round().
+            total = r.astype(np.uint16) + g + b + 1
+            return (total // 3).astype(np.uint8)
         return frames
     if frames.ndim == 4 and frames.shape[-1] == 1:
         return frames[..., 0]
     return frames
+
+
+def _absdiff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| of two uint8 arrays, in uint8 (no widening copy of a whole video)."""
+    return np.maximum(a, b) - np.minimum(a, b)
 
 
 def clip_tensor(frames: np.ndarray, indices: np.ndarray) -> torch.Tensor:
