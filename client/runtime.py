@@ -15,6 +15,11 @@ itself. This module, part of the fedecho the site installed, does instead:
 
 The hook is a replacement of `pull_task_input` in Flower's `run_clientapp` module, for flwr 1.42.0 (pinned);
 `check_flower` fails loudly if that function ever goes away.
+
+Starting a Python process that imports torch, Flower and fedecho takes seconds (8-11 s on a busy 2-core
+machine), once per message. So the runner keeps one spare runner started ahead (`--token-stdin`): it imports
+the site's installed fedecho ClientApp, Flower's runner and torch, then waits for a task token on stdin.
+Only code the site installed is imported ahead; the bundle is still judged before anything of it is installed.
 """
 
 from __future__ import annotations
@@ -94,9 +99,18 @@ def gate(rc: Any, client: Any, message: Any, context: Any, fab: Any) -> Bundle:
     raise BundleRefused(reason)
 
 
-def run_task(address: str, token: str, parent_pid: int | None) -> None:
-    """One ClientApp task: Flower's run_clientapp with the bundle judged before installation."""
+def run_task(address: str, token: str | None, parent_pid: int | None) -> None:
+    """One ClientApp task: Flower's run_clientapp with the bundle judged before installation.
+
+    token None: a spare runner; import what every task needs first, then read the token from stdin
+    (end of input, i.e. the runner went away without a task for it: exit)."""
     rc = check_flower()
+    if token is None:
+        import fedecho.client.app  # noqa: F401  (the site's installed ClientApp, and torch with it)
+
+        token = sys.stdin.readline().strip()
+        if not token:
+            return
     pull = rc.pull_task_input
 
     def pull_and_judge(client: Any) -> tuple[Any, Any, Any, Any]:
@@ -111,8 +125,18 @@ def run_task(address: str, token: str, parent_pid: int | None) -> None:
     )  # fmt: skip
 
 
-def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float = 1.0) -> None:
-    """Take ClientApp tasks from the SuperNode's Runtime API and start a runner for each, until the parent dies."""
+def _spare_runner(address: str) -> subprocess.Popen[bytes]:
+    """A runner started ahead of its task: it imports everything, then waits for the task token on stdin."""
+    argv = [
+        sys.executable, "-m", "fedecho.client.runtime", "flwr-clientapp",
+        "--runtime-api-address", address, "--token-stdin", "--parent-pid", str(os.getpid()),
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdin=subprocess.PIPE)
+
+
+def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float = 0.2) -> None:
+    """Take ClientApp tasks from the SuperNode's Runtime API and hand each to a spare runner started ahead
+    (then start the next spare), until the parent dies."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
@@ -132,6 +156,7 @@ def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float =
         retry_invoker=make_simple_http_retry_invoker(),
     )  # fmt: skip
     children: list[subprocess.Popen[bytes]] = []
+    spare = _spare_runner(address)
     try:
         while True:
             children = [c for c in children if c.poll() is None]
@@ -142,13 +167,19 @@ def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float =
                 time.sleep(1.0)
                 continue
             if res.HasField("task") and res.token:
-                argv = [
-                    sys.executable, "-m", "fedecho.client.runtime", "flwr-clientapp",
-                    "--runtime-api-address", address, "--token", res.token, "--parent-pid", str(os.getpid()),
-                ]  # fmt: skip
-                children.append(subprocess.Popen(argv))
+                if spare.poll() is not None:  # the spare died (e.g. killed): start a fresh one for this task
+                    spare = _spare_runner(address)
+                assert spare.stdin is not None
+                spare.stdin.write(res.token.encode() + b"\n")
+                spare.stdin.close()
+                children.append(spare)
+                spare = _spare_runner(address)
+                continue  # another task may be waiting
             time.sleep(poll)
     finally:
+        with contextlib.suppress(OSError):
+            if spare.stdin is not None:
+                spare.stdin.close()  # end of input: the spare exits without a task
         client.close()
 
 
@@ -188,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     nd.add_argument("supernode", nargs=argparse.REMAINDER)
     task = sub.add_parser("flwr-clientapp", help="run one ClientApp task, judging its bundle first")
     task.add_argument("--runtime-api-address", required=True)
-    task.add_argument("--token", required=True)
+    given = task.add_mutually_exclusive_group(required=True)
+    given.add_argument("--token")
+    given.add_argument("--token-stdin", action="store_true", help="start ahead; read the task token from stdin")
     task.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -70,7 +70,7 @@ class ServerSettings:
     eval_data: Path | None = None
     eval_cache: Path | None = None
     mode: str = "deployment"
-    poll_interval: float = 0.5
+    poll_interval: float = 0.1  # seconds between pulls for replies (a cheap request to the SuperLink)
     trace_messages: bool = False  # write every message sent and received to STATE/trace/ (fedecho.server.trace)
 
 
