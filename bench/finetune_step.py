@@ -10,8 +10,10 @@ and the EF head, MSE, backward, fused AdamW from timm's factory, LR schedule), f
 - sdpa-math: the same model under `sdpa_kernel(SDPBackend.MATH)`, SDPA's unfused reference backend;
 - explicit: the model option attention = "explicit" (softmax(QK^T / sqrt(d)) V written out);
 - max: fusion = "max" (the encoder-only baseline): the gap to eager is STF-Net's cost.
-Each (model, variant) runs in its own subprocess. Reports median step time over --steps after
---warmup steps, and writes bench/results/finetune_step.json (with the aggregated "table").
+Each model runs in its own subprocess, its variants side by side with their steps interleaved (the
+machine is shared: a burst of load then slows every variant alike). Reports the median step time
+over --steps after --warmup steps, and writes bench/results/finetune_step.json (with the aggregated
+"table").
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,8 @@ BATCH = {"echo_vit_tiny": 2, "echo_vit_small": 2, "echo_vit_base": 1}
 VARIANTS = ("eager", "compile", "sdpa-math", "explicit", "max")
 
 
-def worker(model_name: str, variant: str, batch: int, warmup: int, steps: int) -> dict[str, Any]:
-    """One (model, variant) in a fresh process: first-step and median step seconds."""
+def build(model_name: str, variant: str, batch: int) -> Callable[[], float]:
+    """One variant's model and Trainer (same weights, same batch); returns a function timing one step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fedecho.models import create_model
@@ -57,23 +60,39 @@ def worker(model_name: str, variant: str, batch: int, warmup: int, steps: int) -
         epochs=1, batch_size=batch, lr=1e-4, weight_decay=1e-5, betas=[0.9, 0.99], compile=variant == "compile"
     )
     trainer = Trainer(model, "finetune", phase, steps_per_epoch=1, device=torch.device("cpu"))
-    backend = sdpa_kernel(SDPBackend.MATH) if variant == "sdpa-math" else contextlib.nullcontext()
-    times = []
-    with backend:
-        for _ in range(1 + warmup + steps):
-            times.append(trainer.train_epoch([(video, info)]).seconds)  # one batch: one step
-    timed = times[1 + warmup :]
-    return {"first_step_s": times[0], "s_per_step": statistics.median(timed), "times": timed}
+
+    def step() -> float:
+        backend = sdpa_kernel(SDPBackend.MATH) if variant == "sdpa-math" else contextlib.nullcontext()
+        with backend:
+            return trainer.train_epoch([(video, info)]).seconds  # one batch: one step
+
+    return step
 
 
-def run_worker(model_name: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", model_name, variant, "--steps", str(args.steps)]
+def worker(model_name: str, variants: list[str], batch: int, warmup: int, steps: int) -> dict[str, Any]:
+    """All variants of one model in one process, their steps interleaved round-robin: a shared machine's
+    load then falls on every variant alike. Returns each variant's first-step and median step seconds."""
+    runs = {v: build(model_name, v, batch) for v in variants}
+    first = {v: run() for v, run in runs.items()}  # the compile variant compiles here
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(warmup + steps):
+        for v, run in runs.items():
+            t = run()
+            if i >= warmup:
+                times[v].append(t)
+    return {
+        v: {"first_step_s": first[v], "s_per_step": statistics.median(times[v]), "times": times[v]} for v in variants
+    }
+
+
+def run_worker(model_name: str, variants: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", model_name, ",".join(variants), "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory() as cache:  # a cold inductor cache: the compile time is the real one
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CACHE_DIR": cache}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
-        raise RuntimeError(f"{model_name}/{variant} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{model_name} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -114,13 +133,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANTS"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path("bench/results/finetune_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        name, variant = args.worker
-        print(json.dumps(worker(name, variant, BATCH.get(name, 2), args.warmup, args.steps)))
+        name, variants = args.worker
+        print(json.dumps(worker(name, variants.split(","), BATCH.get(name, 2), args.warmup, args.steps)))
         return
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -128,7 +147,7 @@ def main() -> None:
         p.error(f"variants must include eager and be among {', '.join(VARIANTS)} (unknown: {unknown})")
     rows: list[dict[str, Any]] = []
     for name in [m for m in args.models.split(",") if m]:
-        res = {v: run_worker(name, v, args) for v in variants}
+        res = run_worker(name, variants, args)
         eager = res["eager"]["s_per_step"]
         row: dict[str, Any] = {"model": name, "batch": BATCH.get(name, 2), "variants": res}
         row["speedup"] = {v: eager / r["s_per_step"] for v, r in res.items()}
