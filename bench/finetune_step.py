@@ -1,12 +1,12 @@
 """Fine-tuning step with STF-Net: eager against torch.compile, attention variants, and STF-Net's cost.
 
-    OMP_NUM_THREADS=2 python bench/finetune_step.py [--models echo_vit_small,echo_vit_tiny] [--steps 5]
+    python bench/finetune_step.py [--models echo_vit_small,echo_vit_tiny] [--steps 5] [--threads 1]
 
 A step is fedecho's own: `Trainer.train_epoch` over one batch (forward through the encoder, STF-Net
 and the EF head, MSE, backward, fused AdamW from timm's factory, LR schedule), fp32 on CPU. Variants:
 - eager: SDPA attention (F.scaled_dot_product_attention picks its fused CPU kernel), fusion "stf";
-- compile: the phase option `compile` (torch.compile of each transformer block and of STF-Net); the
-  first step's time, less the steady step's, is the compile time (a fresh inductor cache per run);
+- compile: `EchoVisionFM.compile_regions()` (torch.compile of each transformer block and of STF-Net);
+  the first step's time, less the steady step's, is the compile time (a fresh inductor cache per run);
 - sdpa-math: the same model under `sdpa_kernel(SDPBackend.MATH)`, SDPA's unfused reference backend;
 - explicit: the model option attention = "explicit" (softmax(QK^T / sqrt(d)) V written out);
 - max: fusion = "max" (the encoder-only baseline): the gap to eager is STF-Net's cost.
@@ -56,9 +56,9 @@ def build(model_name: str, variant: str, batch: int) -> Callable[[], float]:
         "ef": 30 + 40 * torch.rand(batch, generator=gen),
         "frame_index": torch.arange(c.num_frames).repeat(batch, 1),
     }
-    phase = PhaseSection(  # the paper's fine-tuning optimiser
-        epochs=1, batch_size=batch, lr=1e-4, weight_decay=1e-5, betas=[0.9, 0.99], compile=variant == "compile"
-    )
+    if variant == "compile":
+        model.compile_regions()
+    phase = PhaseSection(epochs=1, batch_size=batch, lr=1e-4, weight_decay=1e-5, betas=[0.9, 0.99])  # the paper's
     trainer = Trainer(model, "finetune", phase, steps_per_epoch=1, device=torch.device("cpu"))
 
     def step() -> float:
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: a shared machine's load cannot stall a thread team")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANTS"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path("bench/results/finetune_step.json"))
     args = p.parse_args()

@@ -50,7 +50,6 @@ class PhaseSection:
     tasks: list[str] = field(default_factory=lambda: ["ef"])
     freeze_encoder: bool = False  # linear probing (STF-Net and heads still train)
     init: str = ""  # checkpoint to start from (fine-tuning: the pre-trained encoder)
-    compile: bool = False  # torch.compile the transformer blocks and the fusion (EchoVisionFM.compile_regions)
 
 
 @dataclass

@@ -77,8 +77,6 @@ class Trainer:
         self.device = device or pick_device()
         self.model.to(self.device)
         set_trainable(model, phase, cfg.freeze_encoder)
-        if cfg.compile:
-            model.compile_regions()
         self.tasks = [get_task(t) for t in cfg.tasks] if phase == "finetune" else []
         if phase == "finetune":
             missing = [t.name for t in self.tasks if t.name not in model.heads]
