@@ -40,12 +40,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Every benchmark with its defaults (hours on 2 CPU cores, mostly local_training's pre-training; each
+# script resumes or reuses its work folder under bench/work), then one table: bench/results/latest.json.
 bench: $(STAMP)
-	$(BIN)/python bench/phantom_learnability.py
-	$(BIN)/python bench/local_training.py
+	$(BIN)/python bench/mae_step.py
+	$(BIN)/python bench/finetune_step.py
 	$(BIN)/python bench/dp_step.py
-	OMP_NUM_THREADS=2 $(BIN)/python bench/mae_step.py
-	OMP_NUM_THREADS=2 $(BIN)/python bench/data_loader.py
+	$(BIN)/python bench/data_loader.py
+	$(BIN)/python bench/dicom_ingest.py
+	$(BIN)/python bench/federation.py
+	$(BIN)/python bench/federated_accuracy.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/local_training.py --videos 300 --unlabeled 600 --pretrain-epochs 60 --seeds 0,1 --threads 1
+	$(BIN)/python bench/local_training.py --videos 800 --unlabeled 600 --pretrain-epochs 60 --seeds 0,1 --threads 1 \
+		--few-labels-only --out bench/results/local_training_few_labels.json
+	$(BIN)/python bench/phantom_learnability.py
+	$(BIN)/python bench/summary.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

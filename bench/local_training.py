@@ -34,6 +34,25 @@ def train_seconds(folder: Path) -> float:
     return float(sum(r.get("seconds", 0.0) for r in read_metrics(folder) if r.get("phase") != "test"))
 
 
+def row(measure: str, value: float, unit: str, target: str | None, met: bool | None) -> dict:
+    return {"item": "Local training", "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+
+
+def table_rows(results: dict[str, dict], args: argparse.Namespace) -> list[dict]:
+    """Rows for `make bench`'s table: each arm's EF MAE against the mean predictor, and the few-label ratio."""
+    base = results["mean predictor"]["ef_mae"]
+    rows = [row(f"test EF MAE, mean predictor ({args.videos} phantom videos)", round(base, 2), "EF", None, None)]
+    for label, r in results.items():
+        if label != "mean predictor":
+            rows.append(row(f"test EF MAE, {label}", round(r["ef_mae"], 2), "EF", f"< {base:.2f}", r["ef_mae"] < base))
+    few = f"{args.fraction:.0%} labels"
+    pre, scratch = results.get(f"pre-trained, {few}"), results.get(f"scratch, {few}")
+    if pre and scratch:
+        ratio = pre["ef_mae"] / scratch["ef_mae"]
+        rows.append(row(f"pre-trained / scratch test EF MAE, {few}", round(ratio, 3), "x", "< 1", ratio < 1))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=int, default=300)
@@ -44,6 +63,7 @@ def main() -> None:
     p.add_argument("--unlabeled", type=int, default=600, help="unlabeled phantom videos for pre-training (0: none)")
     p.add_argument("--seeds", type=str, default="0,1", help="fine-tuning seeds (comma-separated)")
     p.add_argument("--fixed-acquisition", action="store_true", help="one scanner setting for every video")
+    p.add_argument("--few-labels-only", action="store_true", help="skip the all-labels runs (large --videos)")
     p.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads")
     p.add_argument("--work", type=Path, default=Path("bench/work/local_training"))
     p.add_argument("--out", type=Path, default=Path("bench/results/local_training.json"))
@@ -81,6 +101,8 @@ def main() -> None:
         (f"scratch, {args.fraction:.0%} labels", args.fraction, None),
         (f"pre-trained, {args.fraction:.0%} labels", args.fraction, pre / "model.safetensors"),
     ):
+        if fraction == 1.0 and args.few_labels_only:
+            continue
         runs = []
         for seed in seeds:
             cfg = copy.deepcopy(base)
@@ -89,7 +111,7 @@ def main() -> None:
             if fraction < 1:  # equal number of updates: more epochs over fewer videos
                 cfg.finetune.epochs = round(cfg.finetune.epochs / fraction / 2)
             name = label.replace(" ", "_").replace(",", "").replace("%", "pct")
-            folder = args.work / f"{pre.name}-{name}-seed{seed}"
+            folder = args.work / f"{pre.name}-{data.name}-{name}-seed{seed}"  # one folder per (pre-training, data)
             rec = train_phase(cfg, "finetune", folder, init=init, resume=True, progress=False)
             secs = train_seconds(folder)
             runs.append({"seed": seed, "ef_mae": rec["ef_mae"], "ef_r2": rec["ef_r2"], "seconds": secs})
@@ -104,7 +126,7 @@ def main() -> None:
         "videos": args.videos, "train_videos": len(train_ef), "test_videos": len(test_ef), "unlabeled": args.unlabeled,
         "acquisition": "varied per video" if vary else "fixed", "seeds": seeds, "threads": args.threads,
         "pretrain_epochs": base.pretrain.epochs, "finetune_epochs": base.finetune.epochs,
-        "pretrain_seconds": round(pretrain_s, 1), "results": results,
+        "pretrain_seconds": round(pretrain_s, 1), "results": results, "table": table_rows(results, args),
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
