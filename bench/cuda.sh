@@ -7,8 +7,9 @@
 # --device option gets --device cuda (training then runs under bf16 autocast: fedecho.train.engine);
 # the others run as they are and pick CUDA themselves where they train through fedecho.train
 # (pick_device: cuda when available). Every script writes its JSON to RESULTS_DIR, so the CPU figures
-# in bench/results/ stay as they are. A failing script is reported and the others still run; the
-# exit status is non-zero if any failed.
+# in bench/results/ stay as they are. At the end bench/summary.py gathers their table rows into
+# RESULTS_DIR/latest.json and prints the markdown table. A failing script is reported and the others
+# still run; the exit status is non-zero if any failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,7 +24,8 @@ mkdir -p "$OUT"
 
 failed=()
 for script in bench/phantom_learnability.py bench/local_training.py bench/dp_step.py bench/mae_step.py \
-    bench/finetune_step.py bench/data_loader.py bench/dicom_ingest.py bench/federation.py bench/scale.py; do
+    bench/finetune_step.py bench/data_loader.py bench/dicom_ingest.py bench/federation.py \
+    bench/federated_accuracy.py bench/scale.py; do
     [ -f "$script" ] || continue
     name=$(basename "$script" .py)
     help=$("$PY" "$script" --help 2>/dev/null)
@@ -41,6 +43,10 @@ for script in bench/phantom_learnability.py bench/local_training.py bench/dp_ste
         failed+=("$script")
     fi
 done
+echo "== bench/summary.py --results $OUT"
+if ! "$PY" bench/summary.py --results "$OUT"; then
+    failed+=(bench/summary.py)
+fi
 if [ ${#failed[@]} -gt 0 ]; then
     echo "bench/cuda.sh: failed: ${failed[*]}" >&2
     exit 1

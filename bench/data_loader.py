@@ -1,16 +1,18 @@
 """Is the data path fast enough? Clips per second the cache loader delivers against clips per second
 pre-training consumes.
 
-    OMP_NUM_THREADS=2 python bench/data_loader.py --videos 24 --models echo_vit_tiny,echo_vit_small --threads 2 --rounds 3
+    OMP_NUM_THREADS=2 python bench/data_loader.py [--videos 24] [--models echo_vit_tiny,echo_vit_small] [--device cpu]
 
 Synthesises a small phantom into --work (once), decodes it into the FrameCache (prepare), then
 times the training DataLoader (EchoVideoDataset's train split with Augment, the model's clip
 length and size, make_loader as train_phase builds it, --workers processes) in clips/s, and
 Trainer pre-training steps (batch --batch, 0.85 tube masking, AdamW) on already-loaded clips in
-clips/s. The loader runs in the main process by default (workers 0), as on a small site. The two
-measurements alternate --rounds times and the median of each counts, so a machine shared with other
-work slows both alike. Writes bench/results/data_loader.json (with the `table` rows `make bench`
-collects). Issue 6's target: the loader at least 10x training.
+clips/s. With --device cuda training runs on the GPU under the engine's bf16 autocast (its clips
+copied there in each step, as in training; the loader stays on the CPU). The loader runs in the main
+process by default (workers 0), as on a small site. The two measurements alternate --rounds times and
+the median of each counts, so a machine shared with other work slows both alike. Writes
+bench/results/data_loader.json (with the `table` rows `make bench` collects). Issue 6's target: the
+loader at least 10x training.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import cv2
 import torch
+from _device import add_device_option, compute_dtype
 
 from fedecho.data import open_source
 from fedecho.data.cache import FrameCache
@@ -52,13 +55,16 @@ def loader_clips_per_s(train: EchoVideoDataset, batch: int, workers: int, min_cl
     return clips / (time.perf_counter() - t0)
 
 
-def pretrainer(model_name: str, train: EchoVideoDataset, batch: int, steps: int) -> Callable[[], float]:
+def pretrainer(
+    model_name: str, train: EchoVideoDataset, batch: int, steps: int, device: torch.device
+) -> Callable[[], float]:
     """Clips/s of `steps` pre-training steps on clips already in memory, so only the model's cost counts."""
     torch.manual_seed(0)
     model = create_model(model_name, decoder=True)
     batches = list(make_loader(train, batch, True, 0, 0, 0))
     full = [b for b in batches if b[0].shape[0] == batch] or batches
-    trainer = Trainer(model, "pretrain", PhaseSection(batch_size=batch, warmup_epochs=0, epochs=1), steps)
+    phase = PhaseSection(batch_size=batch, warmup_epochs=0, epochs=1)
+    trainer = Trainer(model, "pretrain", phase, steps, device=device)
     trainer.train_epoch(full[:1], max_steps=1)  # warm-up
 
     def clips_per_s() -> float:
@@ -79,6 +85,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads")
     p.add_argument("--work", type=Path, default=Path("bench/work/data_loader"))
+    add_device_option(p)
     p.add_argument("--out", type=Path, default=Path("bench/results/data_loader.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,7 +106,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train.prepare(progress=False)
         prepare_s = time.perf_counter() - t0
-        train_rate = pretrainer(name, train, args.batch, args.steps)
+        train_rate = pretrainer(name, train, args.batch, args.steps, args.device)
         loads, consumes = [], []
         for _ in range(args.rounds):
             loads.append(loader_clips_per_s(train, args.batch, args.workers, args.min_clips))
@@ -111,7 +118,10 @@ def main() -> None:
         })  # fmt: skip
         print(f"{name}: loader {load:.1f} clips/s, training {consume:.1f} clips/s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"videos": args.videos, "batch": args.batch, "workers": args.workers, "threads": args.threads}
+    summary = {
+        "device": str(args.device), "dtype": compute_dtype(args.device),
+        "videos": args.videos, "batch": args.batch, "workers": args.workers, "threads": args.threads,
+    }  # fmt: skip
     table = [
         {
             "item": "4. Data loader",
@@ -124,7 +134,10 @@ def main() -> None:
         for r in rows
     ]
     args.out.write_text(json.dumps({**summary, "rounds": args.rounds, "rows": rows, "table": table}, indent=2) + "\n")
-    print(f"\n{args.videos} phantom videos, batch {args.batch}, {args.workers} workers, {args.threads} threads\n")
+    print(
+        f"\n{args.videos} phantom videos, batch {args.batch}, {args.workers} workers, {args.threads} threads, "
+        f"training on {args.device}\n"
+    )
     print("| model (clip) | loader clips/s | pre-training clips/s | ratio |")
     print("|---|---|---|---|")
     for r in rows:

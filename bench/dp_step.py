@@ -6,8 +6,11 @@ Both arms train the same model (STF-Net with GroupNorm, which DP-SGD needs) on t
 clips; the DP arm computes each sample's gradient, clips it and adds noise (fedecho.privacy.dp.PrivateTraining,
 Poisson sampling at rate 1 so every step sees the whole batch). The arms' steps alternate and each step
 is timed in this process's CPU seconds (both arms use the same --threads), so other work on a shared
-machine does not enter the ratio; the median step of each arm counts. Prints CPU seconds per step and
-the ratio, and writes bench/results/dp_step.json (with the `table` rows `make bench` collects).
+machine does not enter the ratio; the median step of each arm counts. With --device cuda both arms
+train on the GPU under the engine's bf16 autocast (Opacus casts the per-sample gradients to the fp32
+parameters' dtype) and a step is timed in wall seconds once the GPU is done: there the work is the
+GPU's, not this process's CPU time. Prints seconds per step and the ratio, and writes
+bench/results/dp_step.json (with the `table` rows `make bench` collects).
 Issue 6's target: at most 1.3x.
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _device import add_device_option, clock, compute_dtype
 from torch.utils.data import DataLoader, Dataset
 
 from fedecho.models import create_model
@@ -55,23 +59,27 @@ class RandomClips(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         pass
 
 
-def _trainer(model_name: str, phase: str, batch: int) -> Trainer:
+def _trainer(model_name: str, phase: str, batch: int, device: torch.device) -> Trainer:
     torch.manual_seed(0)
     tasks = ["ef"] if phase == "finetune" else []
     model = create_model(model_name, decoder=phase == "pretrain", tasks=tasks, stf_norm="group")
-    return Trainer(model, phase, PhaseSection(batch_size=batch, warmup_epochs=0, tasks=["ef"]), 1)  # type: ignore[arg-type]
+    cfg = PhaseSection(batch_size=batch, warmup_epochs=0, tasks=["ef"])
+    return Trainer(model, phase, cfg, 1, device=device)  # type: ignore[arg-type]
 
 
-def _timed(step: Any) -> float:
-    """CPU seconds of this process (all its threads): the step's own work, whatever else the machine runs."""
-    t0 = time.process_time()
+def _timed(step: Any, device: torch.device) -> float:
+    """On CPU, CPU seconds of this process (all its threads): the step's own work, whatever else the machine
+    runs. On CUDA, wall seconds until the GPU is done: the work is the GPU's, not this process's."""
+    now = (lambda: clock(device)) if device.type == "cuda" else time.process_time
+    t0 = now()
     step()
-    return time.process_time() - t0
+    return now() - t0
 
 
-def step_seconds(model_name: str, phase: str, batch: int, steps: int) -> tuple[float, float]:
-    """Median CPU seconds of a non-private and of a DP-SGD step, the two alternating (after one warm-up each)."""
-    plain, private = _trainer(model_name, phase, batch), _trainer(model_name, phase, batch)
+def step_seconds(model_name: str, phase: str, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds (`_timed`) of a non-private and of a DP-SGD step, the two alternating (after one warm-up
+    each)."""
+    plain, private = _trainer(model_name, phase, batch, device), _trainer(model_name, phase, batch, device)
     mc = plain.model.cfg
     data = RandomClips(batch, mc.num_frames, mc.img_size)
     plan = DPPlan(1.0, 1.0, 1.0, 1, batch, tuple((i,) for i in range(batch)), "video", 1e-5)
@@ -85,7 +93,7 @@ def step_seconds(model_name: str, phase: str, batch: int, steps: int) -> tuple[f
             arm()
         for _ in range(steps):
             for name, arm in arms.items():
-                times[name].append(_timed(arm))
+                times[name].append(_timed(arm, device))
     return statistics.median(times["plain"]), statistics.median(times["dp"])
 
 
@@ -94,6 +102,7 @@ def main() -> None:
     p.add_argument("--configs", default="echo_vit_tiny:8,echo_vit_small:4", help="model:batch, comma-separated")
     p.add_argument("--steps", type=int, default=5, help="timed steps per arm")
     p.add_argument("--threads", type=int, default=2)
+    add_device_option(p)
     p.add_argument("--out", type=Path, default=Path("bench/results/dp_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +110,7 @@ def main() -> None:
     for config in [c for c in args.configs.split(",") if c]:
         model, batch = config.split(":")
         for phase in ("pretrain", "finetune"):
-            plain, private = step_seconds(model, phase, int(batch), args.steps)
+            plain, private = step_seconds(model, phase, int(batch), args.steps, args.device)
             row = {"model": model, "batch": int(batch), "phase": phase, "plain_s": plain, "dp_s": private}
             rows.append({**row, "ratio": private / plain})
             print(f"{model} batch {batch} {phase}: {plain:.3f} s, DP {private:.3f} s", flush=True)
@@ -117,10 +126,17 @@ def main() -> None:
         for r in rows
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"threads": args.threads, "steps": args.steps, "rows": rows, "table": table}
+    clock_name = "wall s" if args.device.type == "cuda" else "CPU s"
+    summary = {
+        "device": str(args.device), "dtype": compute_dtype(args.device), "clock": clock_name,
+        "threads": args.threads, "steps": args.steps, "rows": rows, "table": table,
+    }  # fmt: skip
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{args.threads} threads, CPU s, median of {args.steps} alternating steps (target: DP at most {TARGET}x)\n")
-    print("| model | batch | phase | non-private CPU s/step | DP-SGD CPU s/step | ratio |")
+    print(
+        f"\n{args.device}, {args.threads} threads, {clock_name}, median of {args.steps} alternating steps "
+        f"(target: DP at most {TARGET}x)\n"
+    )
+    print(f"| model | batch | phase | non-private {clock_name}/step | DP-SGD {clock_name}/step | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -3,7 +3,8 @@
     python bench/finetune_step.py [--models echo_vit_small,echo_vit_tiny] [--steps 5] [--threads 1]
 
 A step is fedecho's own: `Trainer.train_epoch` over one batch (forward through the encoder, STF-Net
-and the EF head, MSE, backward, fused AdamW from timm's factory, LR schedule), fp32 on CPU. Variants:
+and the EF head, MSE, backward, fused AdamW from timm's factory, LR schedule), fp32 on CPU; with
+--device cuda on the GPU under the engine's bf16 autocast, its time synchronised with the GPU. Variants:
 - eager: SDPA attention (F.scaled_dot_product_attention picks its fused CPU kernel), fusion "stf";
 - compile: `EchoVisionFM.compile_regions()` (torch.compile of each transformer block and of STF-Net);
   the first step's time, less the steady step's, is the compile time (a fresh inductor cache per run);
@@ -31,13 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _device import add_device_option, compute_dtype
 
 BATCH = {"echo_vit_tiny": 2, "echo_vit_small": 2, "echo_vit_base": 1}
 VARIANTS = ("eager", "compile", "sdpa-math", "explicit", "max")
 
 
-def build(model_name: str, variant: str, batch: int) -> Callable[[], float]:
-    """One variant's model and Trainer (same weights, same batch); returns a function timing one step."""
+def build(model_name: str, variant: str, batch: int, device: torch.device) -> Callable[[], float]:
+    """One variant's model and Trainer (same weights, same batch, both on the device); returns a function
+    timing one step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fedecho.models import create_model
@@ -51,15 +54,15 @@ def build(model_name: str, variant: str, batch: int) -> Callable[[], float]:
     model = create_model(model_name, decoder=False, **overrides)
     c = model.cfg
     gen = torch.Generator().manual_seed(0)
-    video = torch.rand(batch, 3, c.num_frames, c.img_size, c.img_size, generator=gen)
+    video = torch.rand(batch, 3, c.num_frames, c.img_size, c.img_size, generator=gen).to(device)
     info = {
-        "ef": 30 + 40 * torch.rand(batch, generator=gen),
-        "frame_index": torch.arange(c.num_frames).repeat(batch, 1),
+        "ef": (30 + 40 * torch.rand(batch, generator=gen)).to(device),
+        "frame_index": torch.arange(c.num_frames).repeat(batch, 1).to(device),
     }
     if variant == "compile":
         model.compile_regions()
     phase = PhaseSection(epochs=1, batch_size=batch, lr=1e-4, weight_decay=1e-5, betas=[0.9, 0.99])  # the paper's
-    trainer = Trainer(model, "finetune", phase, steps_per_epoch=1, device=torch.device("cpu"))
+    trainer = Trainer(model, "finetune", phase, steps_per_epoch=1, device=device)
 
     def step() -> float:
         backend = sdpa_kernel(SDPBackend.MATH) if variant == "sdpa-math" else contextlib.nullcontext()
@@ -69,10 +72,12 @@ def build(model_name: str, variant: str, batch: int) -> Callable[[], float]:
     return step
 
 
-def worker(model_name: str, variants: list[str], batch: int, warmup: int, steps: int) -> dict[str, Any]:
+def worker(
+    model_name: str, variants: list[str], batch: int, warmup: int, steps: int, device: torch.device
+) -> dict[str, Any]:
     """All variants of one model in one process, their steps interleaved round-robin: a shared machine's
     load then falls on every variant alike. Returns each variant's first-step and median step seconds."""
-    runs = {v: build(model_name, v, batch) for v in variants}
+    runs = {v: build(model_name, v, batch, device) for v in variants}
     first = {v: run() for v, run in runs.items()}  # the compile variant compiles here
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(warmup + steps):
@@ -87,7 +92,7 @@ def worker(model_name: str, variants: list[str], batch: int, warmup: int, steps:
 
 def run_worker(model_name: str, variants: list[str], args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", model_name, ",".join(variants), "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--device", str(args.device)]
     with tempfile.TemporaryDirectory() as cache:  # a cold inductor cache: the compile time is the real one
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CACHE_DIR": cache}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -134,12 +139,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="1: a shared machine's load cannot stall a thread team")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANTS"), help=argparse.SUPPRESS)
+    add_device_option(p)
     p.add_argument("--out", type=Path, default=Path("bench/results/finetune_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         name, variants = args.worker
-        print(json.dumps(worker(name, variants.split(","), BATCH.get(name, 2), args.warmup, args.steps)))
+        print(json.dumps(worker(name, variants.split(","), BATCH.get(name, 2), args.warmup, args.steps, args.device)))
         return
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -157,13 +163,18 @@ def main() -> None:
             row["stf_share"] = (eager - res["max"]["s_per_step"]) / eager
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{v} {r['s_per_step']:.3f} s" for v, r in res.items()), flush=True)
+    dtype = compute_dtype(args.device)
     summary = {
+        "device": str(args.device), "dtype": dtype,
         "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "load_average": os.getloadavg(),
         "rows": rows, "table": table_rows(rows),
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{args.threads} threads, fp32, median of {args.steps} steps after {args.warmup} warm-up steps\n")
+    print(
+        f"\n{args.device}, {args.threads} threads, {dtype}, median of {args.steps} steps after {args.warmup} "
+        "warm-up steps\n"
+    )
     print("| model | variant | s/step | vs eager | first step s |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -10,6 +10,8 @@ optimiser state and activations. The arms alternate for `--rounds` rounds and ea
 fastest round's median step: the machine is shared, and another job's burst should not decide a
 ratio. fedecho's FLOPs per step are counted with torch.utils.flop_counter and divided by its step
 time; the fp32 matrix-multiply peak is the best timed square torch.mm in the same run, same threads.
+With --device cuda both arms run on the GPU under the engine's bf16 autocast, the peak memory is the
+CUDA allocator's and the matmul peak is bf16 torch.mm on the GPU (the JSON's "device" and "dtype").
 Writes bench/results/mae_step.json (with the aggregated "table"). Issue 6's targets: at least 1.3x
 transformers' speed, at most 0.8x its peak memory, at least 60 % of the matmul peak.
 """
@@ -23,52 +25,61 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _device import add_device_option, clock, compute_dtype, peak_memory_mb, reset_peak_memory
 from torch.utils.flop_counter import FlopCounterMode
+
+from fedecho.device import autocast
 
 BATCH = {"echo_vit_tiny": 2, "echo_vit_small": 2, "echo_vit_base": 1}
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
+MATMUL_SIZES = {"cpu": (1024, 2048), "cuda": (4096, 8192)}  # a GPU needs large products to fill its cores
+DTYPE_LABEL = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def matmul_gflops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 20) -> float:
-    """Best fp32 torch.mm throughput over square sizes: the ceiling a dense step could reach here.
-    Taken again between models: on a shared machine the best sample is the machine's, not the load's."""
+def matmul_gflops(device: torch.device, repeats: int = 20) -> float:
+    """Best torch.mm throughput over square sizes, on the device in the dtype the step computes in (fp32 on
+    CPU, bf16 on CUDA): the ceiling a dense step could reach here. Taken again between models: on a shared
+    machine the best sample is the machine's, not the load's."""
+    dtype = getattr(torch, compute_dtype(device))
     best_rate = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for n in MATMUL_SIZES[device.type]:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         for _ in range(2):
             torch.mm(a, b)
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock(device)
             torch.mm(a, b)
-            best_rate = max(best_rate, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+            best_rate = max(best_rate, 2 * n**3 / (clock(device) - t0) / 1e9)
     return best_rate
 
 
-def build_arm(model_name: str, arm: str, batch: int) -> tuple[torch.nn.Module, Any]:
-    """The model and a step closure (forward + backward) on fixed random clips and masks."""
+def build_arm(model_name: str, arm: str, batch: int, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model and a step closure (forward under the engine's autocast, backward) on fixed random clips
+    and masks, all on the device."""
     from fedecho.models import create_model, model_config
     from fedecho.models.videomae import random_mask, tube_mask
 
     mc = model_config(model_name)
     video = torch.rand(batch, 3, mc.num_frames, mc.img_size, mc.img_size, generator=torch.Generator().manual_seed(0))
     masking = tube_mask if mc.mask_type == "tube" else random_mask  # as EchoVisionFM.make_mask
-    mask = masking(batch, mc.grid, mc.mask_ratio, torch.Generator().manual_seed(0))
+    mask = masking(batch, mc.grid, mc.mask_ratio, torch.Generator().manual_seed(0)).to(device)
     torch.manual_seed(0)
     if arm == "fedecho":
-        fm = create_model(model_name, decoder=True)  # only this arm's model is ever built in its process
+        fm = create_model(model_name, decoder=True).to(device)  # only this arm's model is built in its process
+        clips = video.to(device)
 
         def step() -> torch.Tensor:
-            loss, _, _ = fm.forward_pretrain(video, mask)
+            with autocast(device):
+                loss, _, _ = fm.forward_pretrain(clips, mask)
             loss.backward()
             return loss
 
@@ -83,36 +94,39 @@ def build_arm(model_name: str, arm: str, batch: int) -> tuple[torch.nn.Module, A
         decoder_intermediate_size=int(mc.decoder_dim * mc.mlp_ratio), norm_pix_loss=mc.norm_pix_loss,
         use_mean_pooling=not mc.encoder_norm, qkv_bias=mc.qkv_bias, layer_norm_eps=mc.norm_eps,
     )  # fmt: skip
-    hf = VideoMAEForPreTraining(hf_cfg)
-    pixels = (video.permute(0, 2, 1, 3, 4) - IMAGENET_MEAN) / IMAGENET_STD  # the processor's job, not timed
+    hf = VideoMAEForPreTraining(hf_cfg).to(device)
+    pixels = ((video.permute(0, 2, 1, 3, 4) - IMAGENET_MEAN) / IMAGENET_STD).to(device)  # the processor's, untimed
 
     def hf_step() -> torch.Tensor:
-        loss = hf(pixel_values=pixels, bool_masked_pos=mask).loss
+        with autocast(device):
+            loss = hf(pixel_values=pixels, bool_masked_pos=mask).loss
         loss.backward()
         return loss
 
     return hf, hf_step
 
 
-def worker(model_name: str, arm: str, batch: int, warmup: int, steps: int) -> dict[str, Any]:
-    """One (model, arm) in a fresh process: median step time, peak RSS above imports, FLOPs per step."""
+def worker(model_name: str, arm: str, batch: int, warmup: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """One (model, arm) in a fresh process: median step time, peak memory (CPU: RSS above imports; CUDA: the
+    allocator's peak), FLOPs per step."""
     import fedecho.models  # noqa: F401  (imports count as baseline, not as the arm's memory)
 
     if arm == "transformers":
         import transformers  # noqa: F401
     base = max_rss_mb()
-    model, step = build_arm(model_name, arm, batch)
+    reset_peak_memory(device)
+    model, step = build_arm(model_name, arm, batch, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.98), fused=True)
     times = []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0 = clock(device)
         step()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = max_rss_mb() - base
+            times.append(clock(device) - t0)
+    peak = peak_memory_mb(device) if device.type == "cuda" else max_rss_mb() - base
     with FlopCounterMode(display=False) as counter:
         step()
     opt.zero_grad(set_to_none=True)
@@ -128,7 +142,7 @@ def worker(model_name: str, arm: str, batch: int, warmup: int, steps: int) -> di
 
 def run_worker(model_name: str, arm: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", model_name, arm, "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--device", str(args.device)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
@@ -151,8 +165,9 @@ def best_of_rounds(model_name: str, args: argparse.Namespace) -> dict[str, dict[
     return best
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def table_rows(rows: list[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
     """The aggregated benchmark table's rows (item, measure, value, unit, target, met)."""
+    peak = f"{DTYPE_LABEL.get(dtype, dtype)} matmul peak"
     out = []
     for r in rows:
         m = r["model"]
@@ -161,7 +176,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "unit": "x", "target": ">= 1.3x", "met": r["speed_ratio"] >= 1.3},
             {"item": "1. MAE step", "measure": f"peak memory vs transformers, {m}",
              "value": round(r["memory_ratio"], 2), "unit": "x", "target": "<= 0.8x", "met": r["memory_ratio"] <= 0.8},
-            {"item": "1. MAE step", "measure": f"fedecho FLOP/s as % of the fp32 matmul peak, {m}",
+            {"item": "1. MAE step", "measure": f"fedecho FLOP/s as % of the {peak}, {m}",
              "value": round(100 * r["fraction_of_matmul_peak"]), "unit": "%", "target": ">= 60 %",
              "met": r["fraction_of_matmul_peak"] >= 0.6},
         ]  # fmt: skip
@@ -176,15 +191,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="1: a shared machine's load cannot stall a thread team")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+    add_device_option(p)
     p.add_argument("--out", type=Path, default=Path("bench/results/mae_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         name, arm = args.worker
-        print(json.dumps(worker(name, arm, BATCH.get(name, 2), args.warmup, args.steps)))
+        print(json.dumps(worker(name, arm, BATCH.get(name, 2), args.warmup, args.steps, args.device)))
         return
     models = [m for m in args.models.split(",") if m]
-    peak_samples = [matmul_gflops()]
+    dtype = compute_dtype(args.device)
+    peak_samples = [matmul_gflops(args.device)]
     rows: list[dict[str, Any]] = []
     for name in models:
         arms = best_of_rounds(name, args)
@@ -196,19 +213,23 @@ def main() -> None:
             "fedecho_gflops": achieved,
         })  # fmt: skip
         print(f"{name}: fedecho {fe['s_per_step']:.3f} s, transformers {hf['s_per_step']:.3f} s", flush=True)
-        peak_samples.append(matmul_gflops())
+        peak_samples.append(matmul_gflops(args.device))
     peak_gflops = max(peak_samples)
     for r in rows:
         r["fraction_of_matmul_peak"] = r["fedecho_gflops"] / peak_gflops
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
+        "device": str(args.device), "dtype": dtype,
+        "peak_memory": "CUDA allocator peak" if args.device.type == "cuda" else "max RSS above imports",
         "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "load_average": os.getloadavg(),
-        "matmul_peak_gflops": peak_gflops,
-        "matmul_samples_gflops": peak_samples, "rows": rows, "table": table_rows(rows),
+        "matmul_peak_gflops": peak_gflops, "matmul_sizes": MATMUL_SIZES[args.device.type],
+        "matmul_samples_gflops": peak_samples, "rows": rows, "table": table_rows(rows, dtype),
     }  # fmt: skip
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    sizes = " and ".join(map(str, MATMUL_SIZES[args.device.type]))
     print(
-        f"\n{args.threads} threads, fp32 matmul peak {peak_gflops:.1f} GFLOP/s (best square torch.mm, 1024 and 2048)\n"
+        f"\n{args.device}, {args.threads} threads, {DTYPE_LABEL.get(dtype, dtype)} matmul peak {peak_gflops:.1f} "
+        f"GFLOP/s (best square torch.mm, {sizes})\n"
     )
     print(
         "| model | fedecho s/step | transformers s/step | speed ratio | fedecho peak MB | transformers peak MB "

@@ -53,8 +53,10 @@ def check_private_model(model: nn.Module) -> None:
         )  # fmt: skip
 
 
-def _secret_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """Unpredictable seed; on the device its draws are made on (Opacus draws the noise on the
+    parameters' device, and a CPU generator cannot draw CUDA tensors)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 class _Indexed(Dataset):
@@ -138,7 +140,7 @@ class PrivateTraining:
             max_grad_norm=plan.max_grad_norm,
             expected_batch_size=plan.batch_size,
             loss_reduction="mean",
-            generator=_secret_generator(),
+            generator=_secret_generator(trainer.device),
         )
         if plan.unit == "patient":
             unit_of = torch.empty(sum(len(u) for u in plan.units), dtype=torch.long)

@@ -7,7 +7,6 @@ the federated ClientApp calls the same `Trainer.train_epoch` and `evaluate` unch
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -22,22 +21,12 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from fedecho.data import EchoVideoDataset
+from fedecho.device import autocast, pick_device, synchronize
 from fedecho.models import EchoVisionFM, get_task
 from fedecho.train.config import PhaseSection
 from fedecho.train.metrics import task_metrics
 
 Phase = Literal["pretrain", "finetune"]
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 is ~100x slower on these CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def set_trainable(model: EchoVisionFM, phase: Phase, freeze_encoder: bool) -> None:
@@ -121,6 +110,7 @@ class Trainer:
         self.model.train()
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
         total, steps, examples, losses = 0.0, 0, 0, 0
+        synchronize(self.device)  # earlier queued work is not this epoch's
         t0 = time.time()
         self.optimizer.zero_grad(set_to_none=True)
         n = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
@@ -155,6 +145,7 @@ class Trainer:
             self._update()
         self.epoch += 1
         lr = float(self.optimizer.param_groups[0]["lr"])
+        synchronize(self.device)  # the last update's kernels are this epoch's
         return EpochResult(total / max(losses, 1), steps, examples, time.time() - t0, lr)
 
     def _update(self) -> None:
