@@ -41,15 +41,18 @@ def row(measure: str, value: float, unit: str, target: str | None, met: bool | N
 def table_rows(results: dict[str, dict], args: argparse.Namespace) -> list[dict]:
     """Rows for `make bench`'s table: each arm's EF MAE against the mean predictor, and the few-label ratio."""
     base = results["mean predictor"]["ef_mae"]
-    rows = [row(f"test EF MAE, mean predictor ({args.videos} phantom videos)", round(base, 2), "EF", None, None)]
+    n = f"{args.videos} phantom videos"
+    rows = [row(f"test EF MAE, mean predictor ({n})", round(base, 2), "EF", None, None)]
     for label, r in results.items():
         if label != "mean predictor":
-            rows.append(row(f"test EF MAE, {label}", round(r["ef_mae"], 2), "EF", f"< {base:.2f}", r["ef_mae"] < base))
+            rows.append(
+                row(f"test EF MAE, {label} ({n})", round(r["ef_mae"], 2), "EF", f"< {base:.2f}", r["ef_mae"] < base)
+            )
     few = f"{args.fraction:.0%} labels"
     pre, scratch = results.get(f"pre-trained, {few}"), results.get(f"scratch, {few}")
     if pre and scratch:
         ratio = pre["ef_mae"] / scratch["ef_mae"]
-        rows.append(row(f"pre-trained / scratch test EF MAE, {few}", round(ratio, 3), "x", "< 1", ratio < 1))
+        rows.append(row(f"pre-trained / scratch test EF MAE, {few} ({n})", round(ratio, 3), "x", "< 1", ratio < 1))
     return rows
 
 
