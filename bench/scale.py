@@ -13,7 +13,8 @@ masked-autoencoder pre-training; the federated evaluation runs only after the la
   over this process and all its descendants (Ray's GCS, raylet and workers), sampled every 0.5 s from
   /proc (Linux).
 The target: cost per round grows no faster than linearly with the sites, i.e. the cost per participating
-site and round at every size is at most (1 + --tolerance) times that at the smallest size. Writes bench/results/scale.json.
+site and round at every size is at most (1 + --tolerance) times that at the smallest size.
+Writes bench/results/scale.json.
 """
 
 from __future__ import annotations
