@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import torch
 from _device import add_device_option, compute_dtype
+from _table import table_row
 
 from fedecho.data import open_source
 from fedecho.data.cache import FrameCache
@@ -123,16 +124,10 @@ def main() -> None:
         "videos": args.videos, "batch": args.batch, "workers": args.workers, "threads": args.threads,
     }  # fmt: skip
     table = [
-        {
-            "item": "4. Data loader",
-            "measure": f"cache loader clips/s / {r['model']} pre-training clips/s (batch {args.batch})",
-            "value": round(r["ratio"], 1),
-            "unit": "x",
-            "target": f">= {TARGET}x",
-            "met": r["ratio"] >= TARGET,
-        }
+        table_row("4. Data loader", f"cache loader clips/s / {r['model']} pre-training clips/s (batch {args.batch})",
+                  round(r["ratio"], 1), "x", f">= {TARGET}x", r["ratio"] >= TARGET)
         for r in rows
-    ]
+    ]  # fmt: skip
     args.out.write_text(json.dumps({**summary, "rounds": args.rounds, "rows": rows, "table": table}, indent=2) + "\n")
     print(
         f"\n{args.videos} phantom videos, batch {args.batch}, {args.workers} workers, {args.threads} threads, "

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from _device import add_device_option, clock, compute_dtype
+from _table import table_row
 from torch.utils.data import DataLoader, Dataset
 
 from fedecho.models import create_model
@@ -115,16 +116,10 @@ def main() -> None:
             rows.append({**row, "ratio": private / plain})
             print(f"{model} batch {batch} {phase}: {plain:.3f} s, DP {private:.3f} s", flush=True)
     table = [
-        {
-            "item": "3. DP step",
-            "measure": f"DP-SGD / non-private step, {r['model']} batch {r['batch']}, {r['phase']}",
-            "value": round(r["ratio"], 2),
-            "unit": "x",
-            "target": f"<= {TARGET}x",
-            "met": r["ratio"] <= TARGET,
-        }
+        table_row("3. DP step", f"DP-SGD / non-private step, {r['model']} batch {r['batch']}, {r['phase']}",
+                  round(r["ratio"], 2), "x", f"<= {TARGET}x", r["ratio"] <= TARGET)
         for r in rows
-    ]
+    ]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     clock_name = "wall s" if args.device.type == "cuda" else "CPU s"
     summary = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ import cv2
 import numpy as np
 import tomli_w
 import torch
+from _table import table_row
 from rich.console import Console
 
 from fedecho.fl.config import load_fed_run_config
@@ -38,11 +40,7 @@ from fedecho.storage import Store
 from fedecho.storage.store import store_url
 from fedecho.synth import synthesize
 
-ITEM = "6. Accuracy"
-
-
-def row(measure: str, value: float, unit: str, target: str | None = None, met: bool | None = None) -> dict[str, Any]:
-    return {"item": ITEM, "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+row = functools.partial(table_row, "6. Accuracy")
 
 
 def run_file(base: dict[str, Any], work: Path, name: str, seed: int, fraction: float, pretrain: bool) -> Path:

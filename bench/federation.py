@@ -26,6 +26,7 @@ Writes bench/results/federation.json (with the aggregated "table").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -34,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _table import table_row
 
 RUN_TOML = """
 [run]
@@ -214,9 +217,7 @@ ARMS = [  # (name, wire, freeze_encoder, fusion)
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def row(measure: str, value: float, unit: str, target: str | None = None, met: bool | None = None) -> dict[str, Any]:
-    """One row of the table `make bench` aggregates."""
-    return {"item": "5. Federation", "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+row = functools.partial(table_row, "5. Federation")
 
 
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 from _device import add_device_option, compute_dtype
+from _table import table_row
 
 BATCH = {"echo_vit_tiny": 2, "echo_vit_small": 2, "echo_vit_base": 1}
 VARIANTS = ("eager", "compile", "sdpa-math", "explicit", "max")
@@ -109,25 +111,21 @@ LABELS = {
 }
 
 
-def table_row(measure: str, value: float, unit: str) -> dict[str, Any]:
-    """One row of the aggregated benchmark table: this item sets no targets."""
-    return {"item": "2. Fine-tune step", "measure": measure, "value": value, "unit": unit, "target": None, "met": None}
+row = functools.partial(table_row, "2. Fine-tune step")  # this item sets no targets
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         m, v = r["model"], r["variants"]
-        out.append(table_row(f"eager step (SDPA, STF-Net), {m}", round(v["eager"]["s_per_step"], 3), "s/step"))
+        out.append(row(f"eager step (SDPA, STF-Net), {m}", round(v["eager"]["s_per_step"], 3), "s/step"))
         out += [
-            table_row(f"{label} vs eager speed, {m}", round(r["speedup"][k], 2), "x")
-            for k, label in LABELS.items()
-            if k in v
+            row(f"{label} vs eager speed, {m}", round(r["speedup"][k], 2), "x") for k, label in LABELS.items() if k in v
         ]
         if "compile" in v:
-            out.append(table_row(f"torch.compile compile time, {m}", round(r["compile_s"], 1), "s"))
+            out.append(row(f"torch.compile compile time, {m}", round(r["compile_s"], 1), "s"))
         if "max" in v:
-            out.append(table_row(f"STF-Net share of the eager step, {m}", round(100 * r["stf_share"]), "%"))
+            out.append(row(f"STF-Net share of the eager step, {m}", round(100 * r["stf_share"]), "%"))
     return out
 
 

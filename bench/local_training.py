@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from _table import table_row
 
 from fedecho.data import open_source
 from fedecho.synth import synthesize
@@ -34,8 +36,7 @@ def train_seconds(folder: Path) -> float:
     return float(sum(r.get("seconds", 0.0) for r in read_metrics(folder) if r.get("phase") != "test"))
 
 
-def row(measure: str, value: float, unit: str, target: str | None, met: bool | None) -> dict:
-    return {"item": "Local training", "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+row = functools.partial(table_row, "Local training")
 
 
 def table_rows(results: dict[str, dict], args: argparse.Namespace) -> list[dict]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from _device import add_device_option, clock, compute_dtype, peak_memory_mb, reset_peak_memory
+from _table import table_row
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedecho.device import autocast
@@ -167,18 +168,18 @@ def best_of_rounds(model_name: str, args: argparse.Namespace) -> dict[str, dict[
 
 def table_rows(rows: list[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
     """The aggregated benchmark table's rows (item, measure, value, unit, target, met)."""
+    item = "1. MAE step"
     peak = f"{DTYPE_LABEL.get(dtype, dtype)} matmul peak"
     out = []
     for r in rows:
         m = r["model"]
         out += [
-            {"item": "1. MAE step", "measure": f"speed vs transformers, {m}", "value": round(r["speed_ratio"], 2),
-             "unit": "x", "target": ">= 1.3x", "met": r["speed_ratio"] >= 1.3},
-            {"item": "1. MAE step", "measure": f"peak memory vs transformers, {m}",
-             "value": round(r["memory_ratio"], 2), "unit": "x", "target": "<= 0.8x", "met": r["memory_ratio"] <= 0.8},
-            {"item": "1. MAE step", "measure": f"fedecho FLOP/s as % of the {peak}, {m}",
-             "value": round(100 * r["fraction_of_matmul_peak"]), "unit": "%", "target": ">= 60 %",
-             "met": r["fraction_of_matmul_peak"] >= 0.6},
+            table_row(item, f"speed vs transformers, {m}", round(r["speed_ratio"], 2), "x", ">= 1.3x",
+                      r["speed_ratio"] >= 1.3),
+            table_row(item, f"peak memory vs transformers, {m}", round(r["memory_ratio"], 2), "x", "<= 0.8x",
+                      r["memory_ratio"] <= 0.8),
+            table_row(item, f"fedecho FLOP/s as % of the {peak}, {m}", round(100 * r["fraction_of_matmul_peak"]),
+                      "%", ">= 60 %", r["fraction_of_matmul_peak"] >= 0.6),
         ]  # fmt: skip
     return out
 

@@ -20,6 +20,7 @@ Writes bench/results/scale.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -30,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _table import table_row
 
 RUN_TOML = """
 [run]
@@ -143,9 +146,7 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def row(measure: str, value: float, unit: str, target: str | None = None, met: bool | None = None) -> dict[str, Any]:
-    """One row of the table `make bench` aggregates."""
-    return {"item": "7. Scale", "measure": measure, "value": value, "unit": unit, "target": target, "met": met}
+row = functools.partial(table_row, "7. Scale")
 
 
 def main() -> None:
