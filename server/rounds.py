@@ -43,7 +43,14 @@ from fedecho.fl.exchange import (
     state_hash,
     wire_round,
 )
-from fedecho.fl.strategies import build_strategy, load_strategy_state, seed_sampling, strategy_state
+from fedecho.fl.strategies import (
+    build_strategy,
+    load_strategy_state,
+    schedule_server_lr,
+    seed_sampling,
+    server_peak_lr,
+    strategy_state,
+)
 from fedecho.models import EchoVisionFM
 from fedecho.privacy.dp_policy import PRIVACY_METRICS
 from fedecho.server.checkpoints import latest_valid, write_checkpoint
@@ -137,6 +144,7 @@ class FederatedRun:
         self.wire = self.cfg.run.wire_dtype
         self.names: dict[int, str] = {}
         self.holding_frozen: set[int] = set()
+        self.server_peak_lr: float | None = None  # a server optimiser's configured eta (schedule_server_lr)
         self.on_round = on_round
         self.final: dict[str, Path] = {}
         trace = settings.state / "trace" / f"run-{self.run_id:04d}"
@@ -177,6 +185,7 @@ class FederatedRun:
             self.cfg.strategy_name, self.cfg.strategy_params, fraction=self.cfg.run.fraction, min_sites=self.min_sites
         )
         model = self.initial_model(phase, previous)
+        self.server_peak_lr = server_peak_lr(strategy)
         start = 1
         found = latest_valid(self.store, self.run_id, phase)
         if found is not None:
@@ -207,6 +216,7 @@ class FederatedRun:
             }
         )
         seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "sampling"))
+        schedule_server_lr(strategy, self.server_peak_lr, round_lr(pcfg, server_round) / pcfg.lr)
         planned = list(strategy.configure_train(server_round, out.fp32, config, grid))
         messages = self.address(planned, out, MessageType.TRAIN)
         replies = self.exchange(grid, messages)

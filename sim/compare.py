@@ -21,7 +21,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from fedecho.client.local import Site, build_model, site_datasets
 from fedecho.data import EchoVideoDataset
-from fedecho.fl.config import FedRunConfig, round_seed
+from fedecho.fl.config import FedPhaseSection, FedRunConfig, round_seed
+from fedecho.fl.strategies import strategy_parameters
 from fedecho.models import EchoVisionFM, load_checkpoint
 from fedecho.sim.run import SimSites, site_layout
 from fedecho.storage import Store
@@ -48,8 +49,8 @@ def centralized(cfg: FedRunConfig, phase: str, sites: list[Site], model: EchoVis
         epochs = max(1, round(pcfg.rounds * pcfg.steps * len(sites) / max(steps_per_epoch, 1)))
     else:
         epochs = pcfg.rounds * pcfg.epochs
-    warmup = pcfg.warmup_rounds * (pcfg.epochs if not pcfg.steps else 1)
-    run_cfg = dataclasses.replace(pcfg, epochs=epochs, warmup_epochs=float(warmup), seed=seed)
+    warmup = epochs * pcfg.warmup_rounds / max(pcfg.rounds, 1)  # the same fraction of training as the federation's
+    run_cfg = dataclasses.replace(centralized_recipe(cfg, phase), epochs=epochs, warmup_epochs=warmup, seed=seed)
     trainer = Trainer(model, phase, run_cfg, steps_per_epoch, pick_device())  # type: ignore[arg-type]
     for epoch in range(epochs):
         for part in parts:
@@ -57,6 +58,21 @@ def centralized(cfg: FedRunConfig, phase: str, sites: list[Site], model: EchoVis
         gen = torch.Generator().manual_seed(seed * 7919 + epoch)
         trainer.train_epoch(DataLoader(pooled, batch_size=pcfg.batch_size, shuffle=True, generator=gen))
     return model
+
+
+def centralized_recipe(cfg: FedRunConfig, phase: str) -> FedPhaseSection:
+    """The optimiser a centralised run needs to match the federation's: the phase's own, except that
+    one local SGD step under a server optimiser (FedAdam, FedYogi) is Adam on the union of the sites'
+    batches, so the baseline trains AdamW with the server's step size and betas."""
+    pcfg = cfg.phase(phase)
+    params = {**strategy_parameters(cfg.strategy_name), **cfg.strategy_params}
+    if pcfg.optimizer != "sgd" or "eta" not in params:
+        return pcfg
+    eta = float(params["eta"])
+    return dataclasses.replace(
+        pcfg, optimizer="adamw", lr=eta, min_lr=pcfg.min_lr * eta / pcfg.lr,
+        betas=[float(params["beta_1"]), float(params["beta_2"])],
+    )  # fmt: skip
 
 
 def score(cfg: FedRunConfig, model: EchoVisionFM, sites: list[Site]) -> dict[str, dict[str, float]]:

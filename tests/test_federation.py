@@ -16,10 +16,16 @@ from safetensors.torch import load_file
 from builders import tiny_run
 from fedecho.fl.config import parse_run_config, round_lr
 from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys
-from fedecho.fl.strategies import build_strategy, load_strategy_state, strategy_state
+from fedecho.fl.strategies import (
+    build_strategy,
+    load_strategy_state,
+    schedule_server_lr,
+    server_peak_lr,
+    strategy_state,
+)
 from fedecho.models import create_model
 from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
-from fedecho.sim.compare import compare_runs
+from fedecho.sim.compare import centralized_recipe, compare_runs
 from fedecho.sim.run import simulate
 from fedecho.storage import Store
 from fedecho.train import ConfigError
@@ -43,6 +49,8 @@ from fedecho.train import ConfigError
         (('[model]\nname = "echo_vit_tiny"', '[model]\nname = "echo_vit_huge"'), "[model]"),
         (("rounds = 2", 'rounds = "two"'), "[pretrain].rounds must be an integer"),
         (("[run]", "[runn]"), "unknown section(s) runn"),
+        (("steps = 1\nbatch_size = 2", 'optimizer = "adam"\nsteps = 1\nbatch_size = 2'), "[pretrain].optimizer"),
+        (('[strategy]\nname = "fedavg"', '[strategy]\nname = "fedadam"'), "[model].stf_norm"),
     ],
 )
 def test_malformed_run_file_names_the_field(edit: tuple[str, str], message: str) -> None:
@@ -61,6 +69,31 @@ def test_run_file_and_schedule() -> None:
     lrs = [round_lr(p, r) for r in range(1, 4)]
     assert lrs[0] < lrs[1] and lrs[1] > lrs[2] >= p.min_lr  # warm-up, then cosine decay
     assert parse_run_config(Path("configs/quickstart.toml").read_text()).phases == ["pretrain", "finetune"]
+
+
+def test_server_optimizer_follows_the_schedule_and_its_baseline_is_adam() -> None:
+    """FedAdam's eta is the peak of the phase's warm-up and cosine; one local SGD step under it is Adam
+    on the union of the sites' batches, so compare's pooled and local arms train AdamW at eta."""
+    text = tiny_run(strategy="fedadam", finetune_rounds=4, freeze=False)
+    text = text.replace("num_frames = 8", 'num_frames = 8\nstf_norm = "group"')
+    text = text.replace('[strategy]\nname = "fedadam"', '[strategy]\nname = "fedadam"\neta = 0.01\nbeta_2 = 0.999')
+    text = text.replace("lr = 1e-3\ntasks", 'optimizer = "sgd"\nlr = 1.0\nmin_lr = 0.001\nwarmup_rounds = 1\ntasks')
+    cfg = parse_run_config(text, "x")
+    pcfg = cfg.phase("finetune")
+    strategy = build_strategy(cfg.strategy_name, cfg.strategy_params, fraction=1.0, min_sites=2)
+    peak = server_peak_lr(strategy)
+    etas = []
+    for r in range(1, 5):
+        schedule_server_lr(strategy, peak, round_lr(pcfg, r) / pcfg.lr)
+        etas.append(strategy.eta)  # type: ignore[attr-defined]
+    assert peak == 0.01 and etas[0] < etas[1] == pytest.approx(0.01) and etas[1] > etas[2] > etas[3] > 0
+    recipe = centralized_recipe(cfg, "finetune")
+    assert (recipe.optimizer, recipe.lr, recipe.betas) == ("adamw", 0.01, [0.9, 0.999])
+    assert recipe.min_lr == pytest.approx(1e-5)
+    assert centralized_recipe(cfg, "pretrain") is cfg.phase("pretrain")  # AdamW locally: the phase's own
+    avg = build_strategy("fedavg", {}, fraction=1.0, min_sites=2)
+    schedule_server_lr(avg, server_peak_lr(avg), 0.5)  # averaging has no server step to schedule
+    assert server_peak_lr(avg) is None
 
 
 # ----------------------------------------------------------------- exchange

@@ -182,3 +182,26 @@ def test_gradient_accumulation_counts_updates(run_config: Path, tmp_path: Path) 
     state = torch.load(tmp_path / "acc" / run_module.STATE_FILE, weights_only=False)
     n_train = read_metrics(tmp_path / "acc")[0]["examples"]
     assert state["updates"] == math.ceil(math.ceil(n_train / 2) / 2)  # ceil(ceil(n / batch) / accumulate)
+
+
+def test_sgd_step_is_the_scaled_gradient() -> None:
+    """optimizer = "sgd": a site's one local step sends lr x gradient, which a server optimiser (FedAdam) normalises."""
+    from fedecho.models import create_model
+    from fedecho.train import Trainer
+    from fedecho.train.config import PhaseSection
+
+    torch.manual_seed(0)
+    model = create_model("echo_vit_tiny", decoder=False, tasks=["ef"], num_frames=8, stf_norm="group")
+    cfg = PhaseSection(optimizer="sgd", lr=0.5, min_lr=0.5, warmup_epochs=0.0, weight_decay=0.0, epochs=1)
+    torch.nn.init.normal_(model.heads["ef"].weight, std=0.02)  # zero at init: no gradient would reach the encoder
+    trainer = Trainer(model, "finetune", cfg, steps_per_epoch=1, device=torch.device("cpu"))
+    video = torch.rand(2, 3, 8, 112, 112)
+    info = {"frame_index": torch.arange(8).repeat(2, 1), "ef": torch.tensor([40.0, 60.0])}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.loss(video, info, torch.Generator()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    trainer.train_epoch([(video, info)])
+    for n, g in grads.items():
+        torch.testing.assert_close(model.state_dict()[n] - before[n], -0.5 * g, rtol=1e-3, atol=1e-7, msg=n)
+    assert sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith("encoder.blocks")) > 0

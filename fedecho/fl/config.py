@@ -116,6 +116,7 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
     from fedecho.fl.strategies import check_strategy
 
     check_strategy(cfg.strategy_name, cfg.strategy_params, where)
+    check_server_optimizer(cfg, where)
     return cfg
 
 
@@ -131,15 +132,33 @@ def check_dp(cfg: FedRunConfig, where: str) -> None:
     for name in cfg.phases:
         if cfg.phase(name).accumulate != 1:
             raise ConfigError(f"{where}: [{name}].accumulate must be 1 with [dp] enabled (DP-SGD clips per step)")
-    if "finetune" in cfg.phases:
-        from fedecho.models import model_config
+    if _batchnorm_in_finetuning(cfg):
+        raise ConfigError(
+            f'{where}: [model].stf_norm must be "group" with [dp] enabled: BatchNorm in STF-Net or the MLP '
+            "head mixes the samples of a batch, so per-sample gradients (DP-SGD) do not exist"
+        )
 
-        mc = model_config(cfg.local.model_name, **cfg.local.model_overrides)
-        if mc.stf_norm == "batch" and (mc.fusion == "stf" or mc.head == "mlp"):
-            raise ConfigError(
-                f'{where}: [model].stf_norm must be "group" with [dp] enabled: BatchNorm in STF-Net or the MLP '
-                "head mixes the samples of a batch, so per-sample gradients (DP-SGD) do not exist"
-            )
+
+def check_server_optimizer(cfg: FedRunConfig, where: str) -> None:
+    """A server optimiser (FedAdam, FedYogi) steps every exchanged tensor by its adaptive rule, so
+    BatchNorm's running statistics would move by eta a round instead of tracking the features."""
+    from fedecho.fl.strategies import strategy_parameters
+
+    if "eta" in strategy_parameters(cfg.strategy_name) and _batchnorm_in_finetuning(cfg):
+        raise ConfigError(
+            f'{where}: [model].stf_norm must be "group" with [strategy].name = "{cfg.strategy_name}": its server '
+            "optimiser would step BatchNorm's running statistics like weights"
+        )
+
+
+def _batchnorm_in_finetuning(cfg: FedRunConfig) -> bool:
+    """Whether the fine-tuned model has BatchNorm (STF-Net or the MLP head with stf_norm = "batch")."""
+    if "finetune" not in cfg.phases:
+        return False
+    from fedecho.models import model_config
+
+    mc = model_config(cfg.local.model_name, **cfg.local.model_overrides)
+    return mc.stf_norm == "batch" and (mc.fusion == "stf" or mc.head == "mlp")
 
 
 def load_fed_run_config(path: str | Path) -> FedRunConfig:

@@ -135,6 +135,21 @@ def seed_sampling(seed: int) -> None:
     random.seed(seed)
 
 
+def schedule_server_lr(strategy: Strategy, peak: float | None, factor: float) -> None:
+    """A server optimiser (FedAdam, FedYogi) steps the global model by eta: it follows the phase's
+    warm-up and cosine like the local learning rate does (eta from [strategy] is the peak), because
+    one local SGD step's size no longer matters once the server normalises the update."""
+    inner = _inner(strategy)
+    if peak is not None and hasattr(inner, "eta"):
+        inner.eta = peak * factor  # type: ignore[attr-defined]
+
+
+def server_peak_lr(strategy: Strategy) -> float | None:
+    """The configured eta of a server optimiser, None for a strategy that only averages."""
+    eta = getattr(_inner(strategy), "eta", None)
+    return None if eta is None else float(eta)
+
+
 _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
 

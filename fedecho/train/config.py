@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedecho._toml import ConfigError
 
@@ -39,6 +39,7 @@ class PhaseSection:
     epochs: int = 10
     batch_size: int = 8
     accumulate: int = 1  # gradient accumulation steps
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: heavy-ball momentum 0.9 (the local step under FedAdam)
     lr: float = 1e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -71,6 +72,11 @@ class RunConfig:
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     hint = typing.get_origin(annotation) or annotation
+    if hint is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        return value
     if isinstance(annotation, types.UnionType):
         hint = tuple(typing.get_args(annotation))
     if annotation is float or hint is float:

@@ -71,14 +71,15 @@ class Trainer:
             missing = [t.name for t in self.tasks if t.name not in model.heads]
             if missing:
                 raise ValueError(f"model has no head for task(s) {missing}; heads: {list(model.heads)}")
+        # AdamW, or heavy-ball SGD: the local step of a federation whose server optimiser adapts (FedAdam)
+        kind = {"adamw": {"opt": "adamw", "betas": tuple(cfg.betas)}, "sgd": {"opt": "momentum", "momentum": 0.9}}
         self.optimizer = create_optimizer_v2(
             model,
-            opt="adamw",
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
-            betas=tuple(cfg.betas),
             layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
-            fused=True,  # one kernel over all parameters: about half the for-loop AdamW's time on CPU
+            fused=True,  # one kernel over all parameters: about half the for-loop version's time on CPU
+            **kind[cfg.optimizer],
         )
         updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.accumulate))
         self.scheduler = CosineLRScheduler(
