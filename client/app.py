@@ -2,8 +2,9 @@
 
 A train message carries the global tensors (in the run's wire precision) and a config record:
 the run file's text, the phase, the round's learning rate and seed. The reply carries the site's
-update (local - received) in the same precision, its example count and metrics, and the site's
-name. `app` serves `fedecho client start` (the site is read from the SuperNode's node config);
+update (local - received) in the same precision (int8: stochastic rounding seeded from the round's
+seed and the site's name, so a resumed run sends the same bytes), its example count and metrics,
+and the site's name. `app` serves `fedecho client start` (the site is read from the SuperNode's node config);
 `build_client_app` lets the simulation place virtual sites instead.
 """
 
@@ -23,7 +24,7 @@ from fedecho._env import set_torch_threads
 from fedecho.client.audit import audit_message, manifest_sha256
 from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
 from fedecho.client.policy import enforce
-from fedecho.fl.config import parse_run_config
+from fedecho.fl.config import parse_run_config, round_seed
 from fedecho.fl.exchange import UpdateError, decode, encode
 from fedecho.privacy.dp_policy import PrivacyRefused
 
@@ -98,9 +99,10 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             manifest = manifest_sha256(site.data, site.labels)
             if train:
                 update, metrics = site_train(cfg, phase, received, site, options)
+                rounding = round_seed(int(options["seed"]), phase, 0, f"{site.name}/wire")  # int8's stochastic rounding
                 content = RecordDict(
                     {
-                        "arrays": encode(update, str(options["wire-dtype"])),
+                        "arrays": encode(update, str(options["wire-dtype"]), seed=rounding),
                         "metrics": MetricRecord(metrics),
                         "info": info,
                     }

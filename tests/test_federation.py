@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 from safetensors.torch import load_file
 
 from builders import tiny_run
 from fedecho.fl.config import parse_run_config, round_lr
-from fedecho.fl.exchange import UpdateError, decode, encode, exchanged_keys, frozen_keys
+from fedecho.fl.exchange import SCALE_PREFIX, UpdateError, decode, encode, exchanged_keys, frozen_keys, wire_round
 from fedecho.fl.strategies import (
     build_strategy,
     load_strategy_state,
@@ -38,7 +38,7 @@ from fedecho.train import ConfigError
     [
         (('[strategy]\nname = "fedavg"', '[strategy]\nname = "fedbest"'), "[strategy].name 'fedbest'"),
         (('[strategy]\nname = "fedavg"', '[strategy]\nname = "fedprox"\nmu = 0.1'), "[strategy].mu"),
-        (('wire_dtype = "float32"', 'wire_dtype = "int8"'), "[run].wire_dtype"),
+        (('wire_dtype = "float32"', 'wire_dtype = "int4"'), "[run].wire_dtype"),
         (
             (
                 "steps = 1\nbatch_size = 2\nlr = 1e-3\n\n[finetune]",
@@ -118,6 +118,93 @@ def test_wire_precision_halves_bytes_and_round_trips(wire: str) -> None:
     for k, v in state.items():
         assert back[k].dtype == torch.float32
         torch.testing.assert_close(back[k], v, rtol=tol, atol=1e-6)
+
+
+def test_int8_wire_round_trips_within_half_a_step_and_quarters_bytes() -> None:
+    torch.manual_seed(0)
+    state = {
+        "a.weight": torch.randn(64, 3, 4, 4) * 0.02,
+        "b.bias": torch.randn(7),
+        "c.scalar": torch.tensor(0.3),
+        "d.zero": torch.zeros(5, 2),
+    }
+    rec = encode(state, "int8")
+    assert all(rec[SCALE_PREFIX + k].shape == ((64,) if k == "a.weight" else (5,) if k == "d.zero" else (1,))
+               for k in state)  # fmt: skip
+    back = decode(rec, "int8", {k: v.shape for k, v in state.items()})
+    assert back.keys() == state.keys()
+    rounded = wire_round(state, "int8")  # what the server hashes for the frozen encoder: the site's decode, bit for bit
+    for k, v in state.items():
+        rows = v.reshape(1, -1) if v.dim() < 2 else v.reshape(v.shape[0], -1)
+        step = torch.from_numpy(rec[SCALE_PREFIX + k].numpy()).reshape(-1, 1)
+        err = (back[k] - v).abs().reshape(rows.shape)
+        assert back[k].dtype == torch.float32 and back[k].shape == v.shape
+        assert (err <= step / 2 * (1 + 1e-5) + 1e-12).all(), k
+        assert torch.equal(rounded[k], back[k])
+    assert torch.equal(back["d.zero"], state["d.zero"])
+    big = {"w": torch.randn(512, 1024)}
+    ratio = encode(big, "int8").count_bytes() / encode(big, "float32").count_bytes()
+    assert 0.24 < ratio < 0.26
+
+
+def test_int8_stochastic_rounding_is_unbiased_and_seeded() -> None:
+    x = {"w": torch.tensor([[0.30, -0.71, 0.05, 1.0], [0.013, -0.002, 0.0007, -0.02]])}
+    draws = torch.stack([decode(encode(x, "int8", seed=s), "int8")["w"] for s in range(4000)])
+    step = draws.new_tensor([1.0 / 127, 0.02 / 127]).reshape(2, 1)
+    assert ((draws - x["w"]).abs() < step * (1 + 1e-5)).all()  # one of the two neighbouring steps
+    # mean of 4000 draws: the standard error is at most step / (2 sqrt(4000)) ~ step / 126
+    assert ((draws.mean(0) - x["w"]).abs() < step / 25).all()
+    nearest = decode(encode(x, "int8"), "int8")["w"]
+    assert not torch.equal(draws[0], nearest) or not torch.equal(draws[1], nearest)
+    a, b = encode(x, "int8", seed=7), encode(x, "int8", seed=7)
+    assert np.array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def test_malformed_int8_records_are_rejected_with_the_tensor_named() -> None:
+    from flwr.app import Array
+
+    shapes = {"enc.w": torch.Size([4, 3]), "enc.b": torch.Size([4])}
+    good = encode({"enc.w": torch.randn(4, 3), "enc.b": torch.randn(4)}, "int8", seed=1)
+    assert decode(good, "int8", shapes).keys() == shapes.keys()
+
+    def edited(name: str, array: Array | None) -> ArrayRecord:
+        rec = ArrayRecord()
+        for k in good:
+            if k != name:
+                rec[k] = good[k]
+        if array is not None:
+            rec[name] = array
+        return rec
+
+    cases = {
+        "missing": (edited(SCALE_PREFIX + "enc.w", None), r"tensor enc\.w: its int8 scales .* missing"),
+        "shape": (
+            edited(SCALE_PREFIX + "enc.w", Array(np.ones(3, np.float32))),
+            r"tensor enc\.w: int8 scales of shape",
+        ),
+        "nan": (
+            edited(SCALE_PREFIX + "enc.b", Array(np.array([np.nan], np.float32))),
+            r"tensor enc\.b: int8 scales hold NaN",
+        ),
+        "dtype": (
+            edited(SCALE_PREFIX + "enc.b", Array(np.ones(1, np.float16))),
+            r"tensor enc\.b: int8 scales of dtype",
+        ),
+        "not int8": (
+            edited("enc.w", Array(np.ones((4, 3), np.float32))),
+            r"tensor enc\.w: dtype float32, expected int8",
+        ),
+        "orphan": (edited(SCALE_PREFIX + "enc.x", Array(np.ones(1, np.float32))), r"tensor enc\.x: int8 scales"),
+    }
+    for rec, message in cases.values():
+        with pytest.raises(UpdateError, match=message):
+            decode(rec, "int8", shapes)
+        with pytest.raises(UpdateError, match=message):  # a site decoding the downlink checks the same
+            decode(rec, "int8")
+    with pytest.raises(UpdateError, match=r"tensor enc\.w: int8 scales .* on a float16 wire"):
+        decode(good, "float16")
+    with pytest.raises(UpdateError, match="tensor w: int8 scales hold NaN"):  # a NaN update cannot hide in a scale
+        decode(encode({"w": torch.full((4, 4), float("nan"))}, "int8", seed=0), "int8", {"w": torch.Size([4, 4])})
 
 
 def test_bad_updates_are_rejected_with_the_tensor_named() -> None:

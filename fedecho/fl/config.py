@@ -21,7 +21,7 @@ from typing import Any
 from fedecho.train.config import ConfigError, PhaseSection, RunConfig, parse_sections, section
 
 PHASES = ("pretrain", "finetune")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class RunSection:
 
     name: str = "fedecho"
     seed: int = 0
-    wire_dtype: str = "float32"  # tensors on the wire: float32, float16 or bfloat16 (fp32 masters on both sides)
+    wire_dtype: str = "float32"  # on the wire: float32, float16, bfloat16 or int8 (per-row scales); fp32 masters
     fraction: float = 1.0  # fraction of connected sites asked to train each round
     min_sites: int = 0  # replies needed for a round to count (0: the server's setting)
     round_timeout: float = 0.0  # seconds to wait for replies (0: the server's setting)

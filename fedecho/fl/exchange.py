@@ -2,12 +2,19 @@
 
 - Only the tensors a phase trains travel (`exchanged_keys`): in frozen-encoder fine-tuning that is
   STF-Net and the heads; the frozen encoder reaches a site once and is kept there (`FrozenStore`).
-- Tensors travel as float32, float16 or bfloat16 (`encode`/`decode`); numpy has no bfloat16, so
+- Tensors travel as float32, float16, bfloat16 or int8 (`encode`/`decode`); numpy has no bfloat16, so
   bfloat16 travels as its raw 16-bit pattern. Both sides keep fp32 masters: the server sends the
   global weights, a site trains in fp32 and sends back its update (local - received), and the
   server adds the decoded update to its fp32 master, so wire rounding never accumulates.
-- Every incoming update is checked (names, shapes, dtype, finite values, optional norm bound)
-  before anything aggregates it; a bad one raises UpdateError naming the tensor.
+- int8: symmetric quantisation with one float32 scale per output row (the first dimension; a 0-d or
+  1-d tensor has one scale), scale = max|row| / 127, value = int8 * scale. A tensor `name` travels as
+  int8 under `name` and its scales under `SCALE_PREFIX + name` in the same record: state-dict keys
+  never start with "." (PyTorch refuses empty and dotted module/parameter names), so the two cannot
+  collide. The server's downlink rounds to nearest; a site's update uses stochastic rounding
+  (unbiased) from a seed the site derives from the round's seed, so a resumed run replays bit for bit.
+- Every incoming update is checked (names, shapes, dtype -- for int8 also its scales' presence,
+  shape and finiteness --, finite values, optional norm bound) before anything aggregates it; a bad
+  one raises UpdateError naming the tensor.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from safetensors.torch import load_file, save_file
 from fedecho.models import EchoVisionFM
 from fedecho.storage.files import atomic_path
 
-WIRE_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WIRE_NUMPY = {"float32": "float32", "float16": "float16", "bfloat16": "int16"}  # bf16 as its bit pattern
+WIRE_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+WIRE_NUMPY = {"float32": "float32", "float16": "float16", "bfloat16": "int16", "int8": "int8"}  # bf16: its bits
+SCALE_PREFIX = ".scale/"  # int8: the record entry holding tensor `name`'s per-row scales is SCALE_PREFIX + name
+INT8_MAX = 127
 
 
 class UpdateError(ValueError):
@@ -48,9 +57,22 @@ def frozen_keys(model: EchoVisionFM, phase: str, freeze_encoder: bool = False) -
     return []
 
 
-def encode(state: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
-    """float32 tensors -> an ArrayRecord in the wire precision."""
+def encode(state: dict[str, torch.Tensor], wire_dtype: str, *, seed: int | None = None) -> ArrayRecord:
+    """float32 tensors -> an ArrayRecord in the wire precision.
+
+    int8 rounds to nearest unless `seed` is given: then stochastic rounding (unbiased), drawn from a
+    generator seeded with `seed` (what a site uses for its update). `seed` is ignored by the float wires.
+    """
     record = ArrayRecord()
+    if wire_dtype == "int8":
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        for k, v in state.items():
+            if k.startswith(SCALE_PREFIX):
+                raise ValueError(f"tensor {k}: the name is reserved for int8 scales")
+            q, scale = quantize_int8(v, gen)
+            record[k] = Array(q.numpy())
+            record[SCALE_PREFIX + k] = Array(scale.numpy())
+        return record
     dtype = WIRE_TORCH[wire_dtype]
     for k, v in state.items():
         t = v.detach().to("cpu", dtype).contiguous()
@@ -59,8 +81,37 @@ def encode(state: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
     return record
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as (rows, rest): rows along the first dimension; a 0-d or 1-d tensor is one row."""
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+def quantize_int8(t: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 per-row scales) of a tensor; nearest rounding, or stochastic with `generator`."""
+    rows = _rows(t.detach().to("cpu", torch.float32))
+    scale = rows.abs().amax(dim=1) / INT8_MAX if rows.numel() else torch.zeros(rows.shape[0])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x = rows / safe[:, None]
+    # stochastic: floor(x + u) with u ~ U[0, 1) lands on one of x's two neighbours, in expectation on x
+    x = torch.round(x) if generator is None else torch.floor(x + torch.rand(x.shape, generator=generator))
+    q = x.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(t.shape)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (_rows(q).float() * scale[:, None]).reshape(q.shape)
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int]:
+    """The shape of the int8 scales of a tensor of this shape."""
+    return (1,) if len(shape) < 2 else (shape[0],)
+
+
 def wire_round(state: dict[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
-    """What a site holds after the trip: the tensors rounded to the wire precision, back in fp32."""
+    """What a site holds after the trip: the tensors rounded to the wire precision, back in fp32
+    (for int8, bit for bit what `decode` gives for the server's round-to-nearest encoding)."""
+    if wire_dtype == "int8":
+        return {k: dequantize_int8(*quantize_int8(v)) for k, v in state.items()}
     dtype = WIRE_TORCH[wire_dtype]
     return {k: v.detach().to(dtype).float() for k, v in state.items()}
 
@@ -75,24 +126,55 @@ def decode_array(array: Array, wire_dtype: str, name: str) -> torch.Tensor:
     return t.float()
 
 
+def decode_int8(record: ArrayRecord, name: str) -> torch.Tensor:
+    """Tensor `name` of an int8 record, its scales checked (present, float32, one per row, finite, >= 0)."""
+    array = record[name]
+    if array.dtype != "int8":
+        raise UpdateError(f"tensor {name}: dtype {array.dtype}, expected int8 on the wire")
+    q = torch.from_numpy(np.array(array.numpy(), copy=True))
+    key = SCALE_PREFIX + name
+    if key not in record:
+        raise UpdateError(f"tensor {name}: its int8 scales ({key}) are missing")
+    sarr = record[key]
+    if sarr.dtype != "float32":
+        raise UpdateError(f"tensor {name}: int8 scales of dtype {sarr.dtype}, expected float32")
+    want = scale_shape(tuple(q.shape))
+    if tuple(sarr.shape) != want:
+        raise UpdateError(f"tensor {name}: int8 scales of shape {tuple(sarr.shape)}, expected {want}")
+    scale = torch.from_numpy(np.array(sarr.numpy(), copy=True))
+    if not torch.isfinite(scale).all() or (scale < 0).any():
+        raise UpdateError(f"tensor {name}: int8 scales hold NaN, infinite or negative values")
+    return dequantize_int8(q, scale)
+
+
 def decode(
     record: ArrayRecord,
     wire_dtype: str,
     expected: dict[str, torch.Size] | None = None,
     max_norm: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """An ArrayRecord back to fp32 tensors, checked against the expected names and shapes."""
+    """An ArrayRecord back to fp32 tensors, checked against the expected names and shapes (int8: and
+    every tensor's scales; scales travel only on the int8 wire and only for a tensor the record holds)."""
+    keys = list(record.keys())  # an ArrayRecord, not a dict
+    names = [k for k in keys if not k.startswith(SCALE_PREFIX)]
+    for k in keys:
+        if k.startswith(SCALE_PREFIX):
+            name = k[len(SCALE_PREFIX) :]
+            if wire_dtype != "int8":
+                raise UpdateError(f"tensor {name}: int8 scales ({k}) on a {wire_dtype} wire")
+            if name not in record:
+                raise UpdateError(f"tensor {name}: int8 scales ({k}) without the tensor")
     if expected is not None:
-        missing = sorted(set(expected) - set(record.keys()))
-        extra = sorted(set(record.keys()) - set(expected))
+        missing = sorted(set(expected) - set(names))
+        extra = sorted(set(names) - set(expected))
         if missing or extra:
             parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + (
                 [f"unexpected {', '.join(extra[:4])}"] if extra else []
             )
             raise UpdateError("tensor names differ from the model's: " + "; ".join(parts))
     out: dict[str, torch.Tensor] = {}
-    for k in list(record.keys()):  # an ArrayRecord, not a dict
-        t = decode_array(record[k], wire_dtype, k)
+    for k in names:
+        t = decode_int8(record, k) if wire_dtype == "int8" else decode_array(record[k], wire_dtype, k)
         if expected is not None and t.shape != expected[k]:
             raise UpdateError(f"tensor {k}: shape {tuple(t.shape)}, expected {tuple(expected[k])}")
         if not torch.isfinite(t).all():
