@@ -15,7 +15,9 @@ round against the fp32 full model, and the accuracy cost of the byte savings.
    model (every tensor of the phase's model: encoder + decoder in pre-training; encoder + STF-Net +
    heads in fine-tuning) would cost on the wire, counted the same way (Flower's count_bytes).
    Targets: at most 0.5x in pre-training, at most 0.1x in frozen-encoder fine-tuning. Other
-   configurations are counted from the encoded tensors (no run needed: the count is exact).
+   configurations, the int8 wire (int8 values + one float32 scale per output row) among them, are
+   counted from the encoded tensors (no run needed: the count is exact; both directions encode the
+   same tensors, so down and up are equal).
 3. Accuracy cost. echo_vit_tiny in the simulation engine, same phantom, seeds and rounds: fp32 vs
    fp16 wire (pre-training validation loss, fine-tuning EF MAE), full vs frozen-encoder fine-tuning,
    and the frozen encoder with the max-pool head (the configuration that meets 0.1x).
@@ -122,6 +124,8 @@ def byte_configurations(model_name: str) -> list[dict[str, Any]]:
         ("finetune", True, "stf", "float32"),
         ("finetune", True, "stf", "float16"),
         ("finetune", True, "max", "float16"),
+        ("pretrain", False, "stf", "int8"),
+        ("finetune", True, "stf", "int8"),
     ]:
         b = wire_bytes(model_name, phase, wire=wire, freeze=freeze, fusion=fusion)
         ref = full_fp32_bytes(model_name, phase, "stf")
@@ -225,6 +229,7 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
     dep = result["deployment"]
     ov, pre, ft = dep["overhead_mean"], dep["bytes_ratio_pretrain"], dep["bytes_ratio_finetune_frozen"]
     best = next(c for c in result["byte_configurations"] if c["freeze_encoder"] and c["fusion"] == "max")
+    int8 = {c["phase"]: c["ratio"] for c in result["byte_configurations"] if c["wire"] == "int8"}
     rows = [
         row(f"overhead, {dep['model']}, {dep['steps']} local steps/round", round(100 * ov, 1), "%", "<= 10 %",
             ov <= 0.1),
@@ -234,6 +239,10 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
             ft <= 0.1),
         row("bytes/site/round vs fp32 model, frozen encoder + max-pool head, float16", round(best["ratio"], 5), "x",
             "<= 0.1x", best["ratio"] <= 0.1),
+        row("bytes/site/round vs fp32 model, pre-training, int8 (counted)", round(int8["pretrain"], 3), "x",
+            "<= 0.5x", int8["pretrain"] <= 0.5),
+        row("bytes/site/round vs fp32 model, frozen encoder + STF-Net, int8 (counted)", round(int8["finetune"], 3),
+            "x", "<= 0.1x", int8["finetune"] <= 0.1),
     ]  # fmt: skip
     acc = result.get("accuracy")
     if acc:
