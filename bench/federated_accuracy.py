@@ -3,7 +3,7 @@ equal compute (the FLamby protocol of `fedecho sim --compare`).
 
     python bench/federated_accuracy.py --videos 250 --seeds 0 --threads 2
 
-1. Federated pre-training + EF fine-tuning (FedAvg), then pooled and local-only training at equal
+1. Federated pre-training + EF fine-tuning (the strategy of --config), then pooled and local-only training at equal
    compute (`fedecho.sim.compare`): test EF MAE over all sites' test videos, federated / pooled and
    each local-only model / pooled (target: federated at most 1.10x pooled).
 2. Few labels: the same federation fine-tuned with --fraction of each site's labels, after the
@@ -122,7 +122,7 @@ def main() -> None:
     pct = f"{args.fraction:.0%}"
     table = [
         row("test EF MAE, pooled (all sites' data in one place)", round(mean["pooled"], 2), "EF"),
-        row("test EF MAE, federated (FedAvg)", round(mean["federated"], 2), "EF"),
+        row(f"test EF MAE, federated ({base['strategy']['name']})", round(mean["federated"], 2), "EF"),
         row("federated / pooled test EF MAE", round(fed_ratio, 3), "x", "<= 1.10x", fed_ratio <= 1.10),
         row("local-only / pooled test EF MAE (mean over sites)", round(local_ratio, 3), "x"),
         row(f"test EF MAE, {pct} labels, federated pre-training", round(mean["few_pre-trained"], 2), "EF"),
