@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from fedecho.client.local import Site, build_model, site_datasets
 from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedPhaseSection, FedRunConfig, round_seed
-from fedecho.fl.strategies import strategy_parameters
+from fedecho.fl.strategies import server_optimizer_params
 from fedecho.models import EchoVisionFM, load_checkpoint
 from fedecho.sim.run import SimSites, site_layout
 from fedecho.storage import Store
@@ -65,8 +65,8 @@ def centralized_recipe(cfg: FedRunConfig, phase: str) -> FedPhaseSection:
     one local SGD step under a server optimiser (FedAdam, FedYogi) is Adam on the union of the sites'
     batches, so the baseline trains AdamW with the server's step size and betas."""
     pcfg = cfg.phase(phase)
-    params = {**strategy_parameters(cfg.strategy_name), **cfg.strategy_params}
-    if pcfg.optimizer != "sgd" or "eta" not in params:
+    params = server_optimizer_params(cfg.strategy_name, cfg.strategy_params)
+    if pcfg.optimizer != "sgd" or params is None:
         return pcfg
     eta = float(params["eta"])
     return dataclasses.replace(

@@ -142,9 +142,9 @@ def check_dp(cfg: FedRunConfig, where: str) -> None:
 def check_server_optimizer(cfg: FedRunConfig, where: str) -> None:
     """A server optimiser (FedAdam, FedYogi) steps every exchanged tensor by its adaptive rule, so
     BatchNorm's running statistics would move by eta a round instead of tracking the features."""
-    from fedecho.fl.strategies import strategy_parameters
+    from fedecho.fl.strategies import server_optimizer_params
 
-    if "eta" in strategy_parameters(cfg.strategy_name) and _batchnorm_in_finetuning(cfg):
+    if server_optimizer_params(cfg.strategy_name, cfg.strategy_params) and _batchnorm_in_finetuning(cfg):
         raise ConfigError(
             f'{where}: [model].stf_norm must be "group" with [strategy].name = "{cfg.strategy_name}": its server '
             "optimiser would step BatchNorm's running statistics like weights"

@@ -135,6 +135,13 @@ def seed_sampling(seed: int) -> None:
     random.seed(seed)
 
 
+def server_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """[strategy] over the defaults when the strategy is a server optimiser (it takes `eta`: FedAdam,
+    FedYogi), None for one that only averages or votes."""
+    merged = {**strategy_parameters(name), **params}
+    return merged if "eta" in merged else None
+
+
 def schedule_server_lr(strategy: Strategy, peak: float | None, factor: float) -> None:
     """A server optimiser (FedAdam, FedYogi) steps the global model by eta: it follows the phase's
     warm-up and cosine like the local learning rate does (eta from [strategy] is the peak), because
