@@ -3,6 +3,8 @@
 After every round both are written atomically (temp file, fsync, rename) and recorded in the
 store with their sha256. On resume the newest checkpoint whose files still hash to what the store
 recorded is used; a mismatch is reported as an event and the previous round's checkpoint is tried.
+Only the newest `[run].keep_checkpoints` of each phase are kept: with FedAdam's two moments a
+checkpoint is three times the model, every round.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from fedecho.models import EchoVisionFM, load_checkpoint, save_checkpoint
+from fedecho.models.checkpoint import config_path
 from fedecho.storage import Store
 from fedecho.storage.files import atomic_path, file_sha256
 
@@ -54,6 +57,31 @@ def write_checkpoint(
         save_numpy(strategy_state, str(tmp))
     store.add_checkpoint(run_id, phase, server_round, str(ck.model), pair_sha256(ck))
     return ck
+
+
+def prune_checkpoints(store: Store, folder: Path, run_id: int, phase: str, keep: int) -> list[int]:
+    """Drop all but the newest `keep` checkpoints of a phase (0: keep all); returns the rounds dropped.
+
+    The records go first, then the files, so a crash in between leaves only files no record points
+    to; they are older than every kept round and the next prune sweeps them."""
+    if keep <= 0:
+        return []
+    rows = [r for r in store.checkpoints(run_id) if r.phase == phase]  # newest first
+    if not rows[:keep]:
+        return []
+    for row in rows[keep:]:
+        store.remove_checkpoint(run_id, phase, row.round)
+    oldest_kept = min(r.round for r in rows[:keep])
+    dropped = []
+    for model in sorted((folder / f"run-{run_id:04d}").glob(f"{phase}-round-*{MODEL_SUFFIX}")):
+        if model.name.endswith(STRATEGY_SUFFIX):
+            continue
+        server_round = int(model.name[len(phase) + len("-round-") :].removesuffix(MODEL_SUFFIX))
+        if server_round < oldest_kept:
+            for f in (model, strategy_path(model), config_path(model)):
+                f.unlink(missing_ok=True)
+            dropped.append(server_round)
+    return dropped
 
 
 def strategy_path(model: Path) -> Path:

@@ -53,7 +53,7 @@ from fedecho.fl.strategies import (
 )
 from fedecho.models import EchoVisionFM
 from fedecho.privacy.dp_policy import PRIVACY_METRICS
-from fedecho.server.checkpoints import latest_valid, write_checkpoint
+from fedecho.server.checkpoints import latest_valid, prune_checkpoints, write_checkpoint
 from fedecho.server.trace import MessageTrace
 from fedecho.storage import Store
 from fedecho.train import evaluate, make_datasets, pretrain_loss
@@ -269,6 +269,7 @@ class FederatedRun:
         write_checkpoint(
             self.store, self.checkpoints, self.run_id, phase, server_round, model, strategy_state(strategy)
         )
+        prune_checkpoints(self.store, self.checkpoints, self.run_id, phase, self.cfg.run.keep_checkpoints)
         summary = {"sites": f"{len(accepted)}/{len(messages)}", **train, **evaluate_metrics, **server_metrics}
         log.info("%s round %d/%d: %s", phase, server_round, pcfg.rounds, summary)
         if self.on_round:

@@ -31,9 +31,13 @@ from fedecho.storage.store import store_url
 from fedecho.train import Trainer, evaluate, pick_device
 
 
-def centralized(cfg: FedRunConfig, phase: str, sites: list[Site], model: EchoVisionFM) -> EchoVisionFM:
-    """Train on the union of the sites' training videos for the federation's epochs (or steps)."""
+def centralized(
+    cfg: FedRunConfig, phase: str, sites: list[Site], model: EchoVisionFM, batch_size: int | None = None
+) -> EchoVisionFM:
+    """Train on the union of the sites' training videos for as many videos as the federation's sites
+    see in the phase; `batch_size` (default: a site's) lets the baseline train at its own batch."""
     pcfg = cfg.phase(phase)
+    batch = batch_size or pcfg.batch_size
     seed = round_seed(cfg.run.seed, phase, 0, "+".join(s.name for s in sites))
     torch.manual_seed(seed)
     parts: list[EchoVideoDataset] = []
@@ -44,9 +48,9 @@ def centralized(cfg: FedRunConfig, phase: str, sites: list[Site], model: EchoVis
             train.limit(cfg.local.data.label_fraction, pcfg.seed)
         parts.append(train)
     pooled = ConcatDataset(parts)
-    steps_per_epoch = (len(pooled) + pcfg.batch_size - 1) // pcfg.batch_size
-    if pcfg.steps:  # equal compute in steps: the federation's steps at every site, summed
-        epochs = max(1, round(pcfg.rounds * pcfg.steps * len(sites) / max(steps_per_epoch, 1)))
+    steps_per_epoch = (len(pooled) + batch - 1) // batch
+    if pcfg.steps:  # equal compute: the videos of the federation's steps at every site, summed
+        epochs = max(1, round(pcfg.rounds * pcfg.steps * pcfg.batch_size * len(sites) / max(len(pooled), 1)))
     else:
         epochs = pcfg.rounds * pcfg.epochs
     warmup = epochs * pcfg.warmup_rounds / max(pcfg.rounds, 1)  # the same fraction of training as the federation's
@@ -56,7 +60,7 @@ def centralized(cfg: FedRunConfig, phase: str, sites: list[Site], model: EchoVis
         for part in parts:
             part.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-        trainer.train_epoch(DataLoader(pooled, batch_size=pcfg.batch_size, shuffle=True, generator=gen))
+        trainer.train_epoch(DataLoader(pooled, batch_size=batch, shuffle=True, generator=gen))
     return model
 
 
@@ -97,16 +101,16 @@ def score(cfg: FedRunConfig, model: EchoVisionFM, sites: list[Site]) -> dict[str
     return out
 
 
-def _trained(cfg: FedRunConfig, sites: list[Site]) -> EchoVisionFM:
+def _trained(cfg: FedRunConfig, sites: list[Site], batch_size: int | None) -> EchoVisionFM:
     """Pre-train (when the run does), then fine-tune, on these sites' pooled data."""
     encoder = None
     if cfg.phase("pretrain").rounds:
-        encoder = centralized(cfg, "pretrain", sites, build_model(cfg, "pretrain"))
+        encoder = centralized(cfg, "pretrain", sites, build_model(cfg, "pretrain"), batch_size)
     torch.manual_seed(round_seed(cfg.run.seed, "finetune", 0))
     model = build_model(cfg, "finetune")
     if encoder is not None:
         model.load_state_dict({k: v for k, v in encoder.state_dict().items() if k.startswith("encoder.")}, strict=False)
-    return centralized(cfg, "finetune", sites, model)
+    return centralized(cfg, "finetune", sites, model, batch_size)
 
 
 def compare_runs(
@@ -117,8 +121,10 @@ def compare_runs(
     sites: int | None = None,
     store: str | None = None,
     console: Console | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Federated (the finished run's final model) vs pooled vs each site alone; writes JSON + PNG."""
+    """Federated (the finished run's final model) vs pooled vs each site alone; writes JSON + PNG.
+    `batch_size` is the baselines' (default: a site's batch in each phase)."""
     console = console or Console()
     if "finetune" not in cfg.phases:
         raise ValueError("--compare needs a fine-tuning phase (the comparison is on the task metrics)")
@@ -130,10 +136,10 @@ def compare_runs(
     final = next(c for c in db.checkpoints(run_id) if c.phase == "finetune")
     results: dict[str, dict[str, dict[str, float]]] = {"federated": score(cfg, load_checkpoint(final.path), site_list)}
     console.print("training pooled (all sites' data in one place) at equal compute ...")
-    results["pooled"] = score(cfg, _trained(cfg, site_list), site_list)
+    results["pooled"] = score(cfg, _trained(cfg, site_list, batch_size), site_list)
     for site in site_list:
         console.print(f"training {site.name} alone at equal compute ...")
-        results[f"local: {site.name}"] = score(cfg, _trained(cfg, [site]), site_list)
+        results[f"local: {site.name}"] = score(cfg, _trained(cfg, [site], batch_size), site_list)
     out = state / f"compare-run-{run_id:04d}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "compare.json", json.dumps(results, indent=2).encode())

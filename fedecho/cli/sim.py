@@ -44,6 +44,9 @@ def sim(
     compare: bool = typer.Option(
         False, "--compare", help="Also train pooled and local-only at equal compute (FLamby protocol); table + plot."
     ),
+    compare_batch: int | None = typer.Option(
+        None, "--compare-batch", min=1, help="Batch size of the pooled and local-only baselines (default: a site's)."
+    ),
     cpus_per_site: float = typer.Option(1.0, "--cpus-per-site", min=0.1, help="Ray CPUs per virtual site."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
@@ -87,7 +90,7 @@ def sim(
     if compare:
         from fedecho.sim.compare import compare_runs
 
-        compare_runs(cfg, data, state, run_id, sites=sites, store=store, console=console)
+        compare_runs(cfg, data, state, run_id, sites=sites, store=store, console=console, batch_size=compare_batch)
 
 
 def _phantom(state: Path, sites: int, videos: int, console: Console) -> Path:

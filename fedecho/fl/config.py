@@ -35,6 +35,7 @@ class RunSection:
     min_sites: int = 0  # replies needed for a round to count (0: the server's setting)
     round_timeout: float = 0.0  # seconds to wait for replies (0: the server's setting)
     max_update_norm: float = 0.0  # reject an update whose L2 norm exceeds this (0: no bound)
+    keep_checkpoints: int = 3  # newest round checkpoints the server keeps per phase (0: every round's)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
         raise ConfigError(f"{where}: [run].wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not {run.wire_dtype!r}")
     if not 0 < run.fraction <= 1:
         raise ConfigError(f"{where}: [run].fraction must be in (0, 1], not {run.fraction}")
+    if run.keep_checkpoints < 0:
+        raise ConfigError(f"{where}: [run].keep_checkpoints must be >= 0 (0: keep all), not {run.keep_checkpoints}")
     strategy = raw.get("strategy", {"name": "fedavg"})
     if not isinstance(strategy, dict):
         raise ConfigError(f"{where}: [strategy] must be a table")

@@ -588,6 +588,15 @@ class Store:
             )
             s.add(_Checkpoint(run_id=run_id, phase=phase, round=round, path=str(path), sha256=sha256, created=_now()))
 
+    def remove_checkpoint(self, run_id: int, phase: str, round: int) -> None:
+        """Forget a checkpoint's record (retention: its files go next)."""
+        with self._write() as s:
+            s.execute(
+                delete(_Checkpoint).where(
+                    _Checkpoint.run_id == run_id, _Checkpoint.phase == phase, _Checkpoint.round == round
+                )
+            )
+
     def checkpoints(self, run_id: int) -> list[CheckpointRow]:
         """The run's checkpoints, newest first."""
         q = select(_Checkpoint).where(_Checkpoint.run_id == run_id).order_by(_Checkpoint.id.desc())
