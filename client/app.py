@@ -26,6 +26,7 @@ from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
 from fedecho.client.policy import enforce
 from fedecho.fl.config import parse_run_config, round_seed
 from fedecho.fl.exchange import UpdateError, decode, encode
+from fedecho.fl.packing import unpack
 from fedecho.privacy.dp_policy import PrivacyRefused
 
 log = logging.getLogger("fedecho.client")
@@ -89,7 +90,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             options = _options(msg)
             cfg = parse_run_config(str(options["run-toml"]), "the run file sent by the server")
             phase = str(options["phase"])
-            received = decode(msg.content["arrays"], str(options["wire-dtype"]))
+            # packed by the server (fedecho.fl.packing); the site's runner has already unpacked it, Flower's own not
+            received = decode(unpack(msg.content["arrays"]), str(options["wire-dtype"]))
         except (KeyError, ValueError, UpdateError) as e:
             return _error(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
         info = ConfigRecord({"site": site.name})

@@ -16,6 +16,11 @@ itself. This module, part of the fedecho the site installed, does instead:
 The hook is a replacement of `pull_task_input` in Flower's `run_clientapp` module, for flwr 1.42.0 (pinned);
 `check_flower` fails loudly if that function ever goes away.
 
+Transport (measured per round, issue 6 item 5): the runner unpacks the message's arrays after the pull and
+packs the reply's before the push (`fedecho.fl.packing`: one object per tensor cost 20-60 s a round), retries
+its pull of the arrays sooner than Flower would (`QUICK_PULL`), and `flower-supernode` runs Flower's SuperNode
+with its 3 s idle wait shortened (`_SuperNodeClock`).
+
 Starting a Python process that imports torch, Flower and fedecho takes seconds (8-11 s on a busy 2-core
 machine), once per message. So the runner keeps one spare runner started ahead (`--token-stdin`): it imports
 the site's installed fedecho ClientApp, Flower's runner and torch, then waits for a task token on stdin.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -111,14 +117,23 @@ def run_task(address: str, token: str | None, parent_pid: int | None) -> None:
         token = sys.stdin.readline().strip()
         if not token:
             return
-    pull = rc.pull_task_input
+    from fedecho.fl.packing import QUICK_PULL, pack_in_place, unpack_message
+
+    pull, push = rc.pull_task_input, rc.push_message
+    # The SuperNode hands the task out before it has the message's arrays from the SuperLink: Flower's first
+    # retry comes after 1 s (then 2, 4, ...), a second or more of every round; look again sooner (a local call).
+    rc.pull_and_inflate_object_from_tree = functools.partial(rc.pull_and_inflate_object_from_tree, **QUICK_PULL)
 
     def pull_and_judge(client: Any) -> tuple[Any, Any, Any, Any]:
         message, context, run, fab = pull(client)
         gate(rc, client, message, context, fab)
-        return message, context, run, fab
+        return unpack_message(message), context, run, fab  # the arrays travel packed (fedecho.fl.packing)
+
+    def push_packed(client: Any, message: Any, context: Any) -> None:
+        push(client, pack_in_place(message), context)  # the reply's arrays as one object, not one per tensor
 
     rc.pull_task_input = pull_and_judge
+    rc.push_message = push_packed
     rc.run_clientapp(
         runtime_api_address=address, token=token, insecure=True, parent_pid=parent_pid,
         runtime_dependency_install=False,
@@ -183,6 +198,35 @@ def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float =
         client.close()
 
 
+SUPERNODE_IDLE_POLL = 0.5  # s between a SuperNode's requests for a new message while it has none (flwr: 3 s)
+SUPERNODE_LOCAL_POLL = 0.1  # s between its looks for the ClientApp's reply, in its own memory (flwr: 0.5 s)
+
+
+class _SuperNodeClock:
+    """The `time` module as Flower's SuperNode loop (flwr.supernode.start_client_internal) sees it, with shorter
+    waits: flwr 1.42 sleeps 3 s after every pull that found no message and 0.5 s between looks for a reply, so
+    a round's message waited 1.5 s on average (up to 3 s) before its site saw it, and the reply up to 0.5 s more
+    (measured: about 2 s of every round, 20 % of a 10 s round). An idle pull is one small request."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(SUPERNODE_IDLE_POLL if seconds >= 1 else min(seconds, SUPERNODE_LOCAL_POLL))
+
+
+def supernode(argv: list[str]) -> None:
+    """Flower's flower-supernode (same arguments) with `_SuperNodeClock` in its message loop."""
+    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.cli import flower_supernode
+
+    if getattr(sci, "time", None) is not time or not callable(getattr(sci, "_pull_and_store_message", None)):
+        raise RuntimeError("this flwr's SuperNode loop has changed: fedecho cannot shorten its polling")
+    sci.time = _SuperNodeClock()  # type: ignore[assignment]
+    sys.argv = ["flower-supernode", *argv]
+    sys.exit(flower_supernode())
+
+
 def node(supernode: list[str], address: str, secret_file: Path) -> int:
     """Start flower-supernode (same process group) and serve its ClientApp tasks until it exits; Ctrl-C or
     SIGTERM stop the SuperNode cleanly. Returns the SuperNode's exit code."""
@@ -217,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     nd.add_argument("--runtime-api-address", required=True)
     nd.add_argument("--secret-file", required=True, type=Path)
     nd.add_argument("supernode", nargs=argparse.REMAINDER)
+    sn = sub.add_parser("flower-supernode", help="Flower's flower-supernode (its argv after --), polling sooner")
+    sn.add_argument("supernode", nargs=argparse.REMAINDER)
     task = sub.add_parser("flwr-clientapp", help="run one ClientApp task, judging its bundle first")
     task.add_argument("--runtime-api-address", required=True)
     given = task.add_mutually_exclusive_group(required=True)
@@ -224,7 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     given.add_argument("--token-stdin", action="store_true", help="start ahead; read the task token from stdin")
     task.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
+    if args.command == "flower-supernode":  # Flower configures its own logging
+        supernode(args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request (the runner polls 5 times a second)
     if args.command == "node":
         cmd = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
         sys.exit(node(cmd, args.runtime_api_address, args.secret_file))

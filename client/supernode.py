@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedecho._proc import flower_bin, flower_env, spawn, tail, wait_for
+from fedecho._proc import flower_env, spawn, tail, wait_for
 from fedecho.client.config import SiteConfig
 from fedecho.storage.files import atomic_write_bytes
 
@@ -68,9 +68,10 @@ def check_site_files(site: SiteConfig) -> None:
 
 
 def supernode_argv(site: SiteConfig, insecure: bool = False) -> list[str]:
-    """The flower-supernode command line for this site (TLS + node authentication unless insecure)."""
+    """The flower-supernode command line for this site (TLS + node authentication unless insecure), run through
+    `fedecho.client.runtime flower-supernode`: Flower's SuperNode with shorter polling (see `_SuperNodeClock`)."""
     argv = [
-        flower_bin("flower-supernode"),
+        sys.executable, "-m", "fedecho.client.runtime", "flower-supernode", "--",
         "--superlink", site.superlink,
         "--node-config", str(node_config_file(site)),
         "--isolation", "process",

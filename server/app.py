@@ -9,20 +9,33 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 
 from fedecho._env import set_torch_threads
 from fedecho.fl.config import parse_run_config
+from fedecho.fl.packing import QUICK_PULL, pack_message, unpack_message
 from fedecho.server.rounds import FederatedRun, ServerSettings
 from fedecho.storage.store import store_url
 
 log = logging.getLogger("fedecho.server")
+
+
+def server_threads() -> int:
+    """torch threads of the ServerApp: $FEDECHO_THREADS when set (the simulation sets it), else 1. Its round
+    work (int8 encoding, update checks, averaging) is elementwise over a few hundred tensors, where a second
+    thread gains nothing and, on busy cores (sites or other jobs on the host), costs 10-25x: measured,
+    echo_vit_small's int8 encode takes 0.07 s on 1 thread and 1.8 s on 2."""
+    return int(os.environ.get("FEDECHO_THREADS", "0") or 0) or 1
+
 
 SettingsResolver = Callable[[Context], tuple[str, ServerSettings, int]]
 
@@ -48,6 +61,59 @@ def settings_from_run_config(context: Context) -> tuple[str, ServerSettings, int
     return text, settings, int(rc.get("fedecho-resume", 0))  # type: ignore[arg-type]
 
 
+class PackingGrid(Grid):
+    """Flower's Grid with every message's arrays packed into one Array on the way out and unpacked on the way
+    back (`fedecho.fl.packing`: one object per tensor made the transport cost 20-60 s a round). The round loop
+    sees the records it built and the ones the sites built, as before."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        originals = list(messages)
+        shared: dict[int, ArrayRecord] = {}  # the same global tensors go to every site: packed once
+        ids = list(self.grid.push_messages([pack_message(m, cache=shared) for m in originals]))
+        for m, i in zip(originals, ids, strict=False):  # as Flower's grid does with the message it pushes
+            m.metadata.__dict__["_message_id"] = i
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [unpack_message(m) for m in self.grid.pull_messages(message_ids)]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        shared: dict[int, ArrayRecord] = {}
+        replies = self.grid.send_and_receive([pack_message(m, cache=shared) for m in messages], timeout=timeout)
+        return [unpack_message(m) for m in replies]
+
+
+def quick_reply_pulls(grid: Grid) -> None:
+    """Flower's HttpGrid returns a reply as soon as the site has announced it, then pulls its arrays with retries
+    after 1, 2, 4 ... s while the site is still uploading them: a second or more of every round. Retry sooner
+    (Flower's time limit, 2 h, still bounds a pull; its count of tries would end a slow upload too early)."""
+    from flwr.superlink.grid import http_grid
+
+    if isinstance(grid, http_grid.HttpGrid) and not isinstance(http_grid.pull_objects, functools.partial):
+        http_grid.pull_objects = functools.partial(http_grid.pull_objects, **QUICK_PULL)  # type: ignore[assignment]
+
+
 def print_round(phase: str, server_round: int, summary: dict[str, Any]) -> None:
     """One line per round on stdout: `fedecho server run` streams it from the SuperLink."""
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
@@ -58,13 +124,16 @@ def build_server_app(
     resolve: SettingsResolver,
     on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
     outcome: dict[str, Any] | None = None,
+    pack: bool = True,
 ) -> ServerApp:
-    """outcome, when given, receives the fedecho run id and any error (the simulation reads them)."""
+    """outcome, when given, receives the fedecho run id and any error (the simulation reads them); pack: send
+    arrays packed (`PackingGrid`; the simulation, where messages stay in memory, may leave them as they are)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        set_torch_threads()
+        set_torch_threads(server_threads())
+        quick_reply_pulls(grid)
         text, settings, resume = resolve(context)
         cfg = parse_run_config(text)
         run = FederatedRun(cfg, settings, resume=resume, on_round=on_round or print_round)
@@ -74,7 +143,7 @@ def build_server_app(
         log.info("fedecho run %d (%s): phases %s", run.run_id, run.cfg.run.name, ", ".join(run.cfg.phases))
         print(f"fedecho run {run.run_id}: {run.cfg.run.name}", flush=True)
         try:
-            run.execute(grid)
+            run.execute(PackingGrid(grid) if pack else grid)
         except Exception as e:
             if outcome is not None:
                 outcome["error"] = e
