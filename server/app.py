@@ -124,10 +124,9 @@ def build_server_app(
     resolve: SettingsResolver,
     on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
     outcome: dict[str, Any] | None = None,
-    pack: bool = True,
 ) -> ServerApp:
-    """outcome, when given, receives the fedecho run id and any error (the simulation reads them); pack: send
-    arrays packed (`PackingGrid`; the simulation, where messages stay in memory, may leave them as they are)."""
+    """outcome, when given, receives the fedecho run id and any error (the simulation reads them). Arrays
+    travel packed (`PackingGrid`), in the simulation too, so that it runs the deployment's code."""
     app = ServerApp()
 
     @app.main()
@@ -143,7 +142,7 @@ def build_server_app(
         log.info("fedecho run %d (%s): phases %s", run.run_id, run.cfg.run.name, ", ".join(run.cfg.phases))
         print(f"fedecho run {run.run_id}: {run.cfg.run.name}", flush=True)
         try:
-            run.execute(PackingGrid(grid) if pack else grid)
+            run.execute(PackingGrid(grid))
         except Exception as e:
             if outcome is not None:
                 outcome["error"] = e
