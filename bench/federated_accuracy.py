@@ -4,11 +4,11 @@ equal compute (the FLamby protocol of `fedecho sim --compare`).
     python bench/federated_accuracy.py --videos 250 --seeds 0 --threads 2
 
 1. Federated pre-training + EF fine-tuning (the strategy of --config), then pooled and local-only training at equal
-   compute (`fedecho.sim.compare`): test EF MAE over all sites' test videos, federated / pooled and
-   each local-only model / pooled (target: federated at most 1.10x pooled).
-2. Few labels: the same federation fine-tuned with --fraction of each site's labels, after the
-   federated pre-training, against the same fine-tuning from scratch (no pre-training): the ratio of
-   their test EF MAE (target at most 0.8).
+   compute (`fedecho.sim.compare`: as many videos as the federation's sites see, at --baseline-batch): test EF
+   MAE over all sites' test videos, federated / pooled and each local-only model / pooled (target: federated at
+   most 1.10x pooled).
+2. Few labels: the same federated fine-tuning with --fraction of each site's labels, from step 1's federated
+   pre-training, against the same fine-tuning from scratch: the ratio of their test EF MAE (target at most 0.8).
 Fine-tuning runs a fixed number of local steps per round (`steps`), so every arm, with all labels
 or few, does the same number of updates. Writes bench/results/federated_accuracy.json.
 """
@@ -43,13 +43,15 @@ from fedecho.synth import synthesize
 row = functools.partial(table_row, "6. Accuracy")
 
 
-def run_file(base: dict[str, Any], work: Path, name: str, seed: int, fraction: float, pretrain: bool) -> Path:
-    """A variant of the base run file, written where the ClientApps can read it as text."""
+def run_file(base: dict[str, Any], work: Path, name: str, seed: int, fraction: float, init: str | None) -> Path:
+    """A variant of the base run file, written where the ClientApps can read it as text. `init`: ""
+    to pre-train as the base does, else fine-tuning only, from this checkpoint (None: from scratch)."""
     raw = copy.deepcopy(base)
     raw["run"].update(name=name, seed=seed)
     raw.setdefault("data", {})["label_fraction"] = fraction
-    if not pretrain:
+    if init != "":
         raw["pretrain"]["rounds"] = 0
+        raw["finetune"]["init"] = init or ""
     path = work / f"{name}.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
@@ -64,14 +66,39 @@ def federate(cfg_path: Path, data: Path, state: Path, console: Console) -> tuple
     return run_id, time.time() - t0
 
 
+def final_checkpoint(state: Path, run_id: int, phase: str) -> str:
+    return next(c.path for c in Store(store_url(state, None)).checkpoints(run_id) if c.phase == phase)
+
+
 def final_score(cfg_path: Path, data: Path, state: Path, run_id: int) -> float:
     """All-sites test EF MAE of a run's final fine-tuned model."""
     cfg = load_fed_run_config(cfg_path)
     names, folders, partitioned = site_layout(data, None)
     resolver = SimSites(names, [f.resolve() for f in folders], partitioned, state / "cache", state)
-    final = next(c for c in Store(store_url(state, None)).checkpoints(run_id) if c.phase == "finetune")
     sites = [resolver.site(k) for k in range(len(names))]
-    return float(score(cfg, load_checkpoint(final.path), sites)["all sites"]["ef_mae"])
+    model = load_checkpoint(final_checkpoint(state, run_id, "finetune"))
+    return float(score(cfg, model, sites)["all sites"]["ef_mae"])
+
+
+def one_seed(base: dict[str, Any], args: argparse.Namespace, data: Path, seed: int, console: Console) -> dict[str, Any]:
+    """Federated, pooled and local-only with all labels, then the two few-label arms."""
+    res: dict[str, Any] = {"seed": seed}
+    state = (args.work / f"state-seed{seed}").resolve()
+    full = run_file(base, args.work, f"full-seed{seed}", seed, 1.0, init="")
+    run_id, res["federated_seconds"] = federate(full, data, state, console)
+    cfg = load_fed_run_config(full)
+    cmp = compare_runs(cfg, data, state, run_id, console=console, batch_size=args.baseline_batch)
+    res["federated"] = cmp["federated"]["all sites"]["ef_mae"]
+    res["pooled"] = cmp["pooled"]["all sites"]["ef_mae"]
+    local = {k.removeprefix("local: "): v for k, v in cmp.items() if k.startswith("local")}
+    res["local"] = {k: v["all sites"]["ef_mae"] for k, v in local.items()}
+    # Both few-label arms fine-tune only: from the full run's federated pre-training, or from scratch.
+    encoder = final_checkpoint(state, run_id, "pretrain")
+    for arm, init in (("pre-trained", encoder), ("scratch", None)):
+        cfg_path = run_file(base, args.work, f"few-{arm}-seed{seed}", seed, args.fraction, init)
+        run_id, _ = federate(cfg_path, data, state, console)
+        res[f"few_{arm}"] = final_score(cfg_path, data, state, run_id)
+    return res
 
 
 def main() -> None:
@@ -81,6 +108,7 @@ def main() -> None:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--fraction", type=float, default=0.1, help="label fraction of the few-label arms")
     p.add_argument("--seeds", default="0", help="run seeds (comma-separated); results are means")
+    p.add_argument("--baseline-batch", type=int, default=8, help="batch of the pooled and local-only baselines")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("bench/work/federated_accuracy"))
     p.add_argument("--out", type=Path, default=Path("bench/results/federated_accuracy.json"))
@@ -97,20 +125,18 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed: list[dict[str, Any]] = []
     for seed in seeds:
-        res: dict[str, Any] = {"seed": seed}
-        state = (args.work / f"state-seed{seed}").resolve()
-        full = run_file(base, args.work, f"full-seed{seed}", seed, 1.0, pretrain=True)
-        run_id, res["federated_seconds"] = federate(full, data, state, console)
-        cmp = compare_runs(load_fed_run_config(full), data, state, run_id, console=console)
-        res["federated"] = cmp["federated"]["all sites"]["ef_mae"]
-        res["pooled"] = cmp["pooled"]["all sites"]["ef_mae"]
-        res["local"] = {
-            k.removeprefix("local: "): v["all sites"]["ef_mae"] for k, v in cmp.items() if k.startswith("local")
-        }
-        for arm, pretrain in (("pre-trained", True), ("scratch", False)):
-            cfg_path = run_file(base, args.work, f"few-{arm}-seed{seed}", seed, args.fraction, pretrain)
-            run_id, _ = federate(cfg_path, data, state, console)
-            res[f"few_{arm}"] = final_score(cfg_path, data, state, run_id)
+        # A seed's result is kept beside its state, keyed by everything that decides it, so an
+        # interrupted multi-seed run (each seed takes about half an hour) resumes at the next seed.
+        key = {"config": args.config.read_text(), "videos": args.videos, "sites": args.sites,
+               "fraction": args.fraction, "baseline_batch": args.baseline_batch}  # fmt: skip
+        cache = args.work / f"result-seed{seed}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:
+            console.print(f"seed {seed}: the result in {cache}")
+            res = cached["result"]
+        else:
+            res = one_seed(base, args, data, seed, console)
+            cache.write_text(json.dumps({"key": key, "result": res}, indent=2) + "\n")
         per_seed.append(res)
         console.print(res)
     mean = {
@@ -131,7 +157,8 @@ def main() -> None:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"videos": args.videos, "sites": args.sites, "seeds": seeds, "fraction": args.fraction,
-               "config": str(args.config), "per_seed": per_seed, "mean": mean, "table": table}  # fmt: skip
+               "baseline_batch": args.baseline_batch, "config": str(args.config), "per_seed": per_seed,
+               "mean": mean, "table": table}  # fmt: skip
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{args.sites} sites (natural vendor split), {args.videos} phantom videos, seeds {args.seeds}\n")
     print("| measure | value | target |\n|---|---|---|")
