@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -78,6 +79,7 @@ class ServerSettings:
     eval_cache: Path | None = None
     mode: str = "deployment"
     poll_interval: float = 0.1  # seconds between pulls for replies (a cheap request to the SuperLink)
+    resend_interval: float = 5.0  # seconds before asking again a site Flower reported unavailable
     trace_messages: bool = False  # write every message sent and received to STATE/trace/ (fedecho.server.trace)
 
 
@@ -342,7 +344,11 @@ class FederatedRun:
 
     def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[Message, Message | None]]:
         """Send, then collect replies until all are in or the deadline passes (a site that died
-        mid-round costs at most the round timeout; Flower itself answers for sites it knows are gone)."""
+        mid-round costs at most the round timeout; Flower itself answers for sites it knows are gone).
+
+        Flower also answers "node unavailable" for a SuperNode whose last heartbeat is stale, as every
+        one is for a while after the SuperLink restarts, although the SuperNode has reconnected and
+        takes messages. Such a site is asked again every `resend_interval` seconds until the deadline."""
         if not messages:
             return []
         ids = list(grid.push_messages(messages))
@@ -352,16 +358,32 @@ class FederatedRun:
                 self.trace.record("sent", m)
         got: dict[str, Message] = {}
         deadline = time.time() + self.timeout
-        pending = set(ids)
-        while pending and time.time() < deadline:
+        pending = dict(zip(ids, ids, strict=True))  # message id now awaited -> the first one's id
+        resend: dict[str, float] = {}  # first id -> when to send it again
+        while (pending or resend) and time.time() < deadline:
             for reply in grid.pull_messages(list(pending)):
-                rid = reply.metadata.reply_to_message_id
-                if rid in pending:
-                    got[rid] = reply
-                    pending.discard(rid)
+                first = pending.pop(reply.metadata.reply_to_message_id, None)
+                if first is None:
+                    continue
+                if self.trace is not None:
+                    self.trace.record("received", reply)
+                if _unavailable(reply) and time.time() + self.settings.resend_interval < deadline:
+                    resend[first] = time.time() + self.settings.resend_interval
+                else:
+                    got[first] = reply
+            for first, when in list(resend.items()):
+                if time.time() >= when:
+                    del resend[first]
+                    m = by_id[first]
+                    again = Message(
+                        m.content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id
+                    )
+                    (new_id,) = grid.push_messages([again])
+                    pending[new_id] = first
                     if self.trace is not None:
-                        self.trace.record("received", reply)
-            if pending:
+                        self.trace.record("sent", again)
+                    log.info("node %d was reported unavailable: sent its message again", m.metadata.dst_node_id)
+            if pending or resend:
                 time.sleep(self.settings.poll_interval)
         return [(by_id[i], got.get(i)) for i in ids]
 
@@ -427,3 +449,8 @@ class FederatedRun:
             return {}
         metrics = evaluate(model, held, list(tasks))
         return {f"server_{k}": v for k, v in metrics.items() if k != "videos"}
+
+
+def _unavailable(reply: Message) -> bool:
+    """Flower's own answer for a SuperNode it considers offline (no heartbeat within 2 x its interval)."""
+    return reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
