@@ -79,7 +79,8 @@ class ServerSettings:
     eval_cache: Path | None = None
     mode: str = "deployment"
     poll_interval: float = 0.1  # seconds between pulls for replies (a cheap request to the SuperLink)
-    resend_interval: float = 5.0  # seconds before asking again a site Flower reported unavailable
+    resend_interval: float = 5.0  # seconds before asking again a site Flower reported unavailable ...
+    resend_for: float = 60.0  # ... for this long (Flower: a 30 s heartbeat interval, 20 s at most between retries)
     trace_messages: bool = False  # write every message sent and received to STATE/trace/ (fedecho.server.trace)
 
 
@@ -348,7 +349,9 @@ class FederatedRun:
 
         Flower also answers "node unavailable" for a SuperNode whose last heartbeat is stale, as every
         one is for a while after the SuperLink restarts, although the SuperNode has reconnected and
-        takes messages. Such a site is asked again every `resend_interval` seconds until the deadline."""
+        takes messages. Such a site is asked again every `resend_interval` seconds for `resend_for`
+        seconds (two heartbeat intervals) while the deadline allows; a site that really died
+        costs that much, not the round timeout."""
         if not messages:
             return []
         ids = list(grid.push_messages(messages))
@@ -360,6 +363,7 @@ class FederatedRun:
         deadline = time.time() + self.timeout
         pending = dict(zip(ids, ids, strict=True))  # message id now awaited -> the first one's id
         resend: dict[str, float] = {}  # first id -> when to send it again
+        unavailable_since: dict[str, float] = {}
         while (pending or resend) and time.time() < deadline:
             for reply in grid.pull_messages(list(pending)):
                 first = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -367,8 +371,11 @@ class FederatedRun:
                     continue
                 if self.trace is not None:
                     self.trace.record("received", reply)
-                if _unavailable(reply) and time.time() + self.settings.resend_interval < deadline:
-                    resend[first] = time.time() + self.settings.resend_interval
+                now = time.time()
+                since = unavailable_since.setdefault(first, now) if _unavailable(reply) else None
+                again_at = now + self.settings.resend_interval
+                if since is not None and again_at < min(deadline, since + self.settings.resend_for):
+                    resend[first] = again_at
                 else:
                     got[first] = reply
             for first, when in list(resend.items()):
