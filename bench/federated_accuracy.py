@@ -43,15 +43,24 @@ from fedecho.synth import synthesize
 row = functools.partial(table_row, "6. Accuracy")
 
 
-def run_file(base: dict[str, Any], work: Path, name: str, seed: int, fraction: float, init: str | None) -> Path:
+def run_file(
+    base: dict[str, Any], work: Path, name: str, seed: int, fraction: float, init: str | None, batch: int = 0
+) -> Path:
     """A variant of the base run file, written where the ClientApps can read it as text. `init`: ""
-    to pre-train as the base does, else fine-tuning only, from this checkpoint (None: from scratch)."""
+    to pre-train as the base does, else fine-tuning only, from this checkpoint (None: from scratch).
+    `batch`: fine-tune at this batch per site instead, in proportionally fewer rounds (same videos)."""
     raw = copy.deepcopy(base)
     raw["run"].update(name=name, seed=seed)
     raw.setdefault("data", {})["label_fraction"] = fraction
     if init != "":
         raw["pretrain"]["rounds"] = 0
         raw["finetune"]["init"] = init or ""
+    ft = raw["finetune"]
+    if batch and batch != ft["batch_size"]:
+        scale = ft["batch_size"] / batch
+        ft.update(batch_size=batch, rounds=max(1, round(ft["rounds"] * scale)))
+        ft["warmup_rounds"] = round(ft.get("warmup_rounds", 0) * scale)
+        ft["eval_every"] = max(1, round(ft.get("eval_every", 1) * scale))
     path = work / f"{name}.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
@@ -95,7 +104,7 @@ def one_seed(base: dict[str, Any], args: argparse.Namespace, data: Path, seed: i
     # Both few-label arms fine-tune only: from the full run's federated pre-training, or from scratch.
     encoder = final_checkpoint(state, run_id, "pretrain")
     for arm, init in (("pre-trained", encoder), ("scratch", None)):
-        cfg_path = run_file(base, args.work, f"few-{arm}-seed{seed}", seed, args.fraction, init)
+        cfg_path = run_file(base, args.work, f"few-{arm}-seed{seed}", seed, args.fraction, init, args.few_batch)
         run_id, _ = federate(cfg_path, data, state, console)
         res[f"few_{arm}"] = final_score(cfg_path, data, state, run_id)
     return res
@@ -109,6 +118,10 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="label fraction of the few-label arms")
     p.add_argument("--seeds", default="0", help="run seeds (comma-separated); results are means")
     p.add_argument("--baseline-batch", type=int, default=8, help="batch of the pooled and local-only baselines")
+    p.add_argument(
+        "--few-batch", type=int, default=0,
+        help="fine-tuning batch per site of the few-label arms, same videos in fewer rounds (0: the config's)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("bench/work/federated_accuracy"))
     p.add_argument("--out", type=Path, default=Path("bench/results/federated_accuracy.json"))
@@ -128,7 +141,8 @@ def main() -> None:
         # A seed's result is kept beside its state, keyed by everything that decides it, so an
         # interrupted multi-seed run (each seed takes about half an hour) resumes at the next seed.
         key = {"config": args.config.read_text(), "videos": args.videos, "sites": args.sites,
-               "fraction": args.fraction, "baseline_batch": args.baseline_batch}  # fmt: skip
+               "fraction": args.fraction, "baseline_batch": args.baseline_batch,
+               "few_batch": args.few_batch}  # fmt: skip
         cache = args.work / f"result-seed{seed}.json"
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         if cached.get("key") == key:
@@ -157,7 +171,8 @@ def main() -> None:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"videos": args.videos, "sites": args.sites, "seeds": seeds, "fraction": args.fraction,
-               "baseline_batch": args.baseline_batch, "config": str(args.config), "per_seed": per_seed,
+               "baseline_batch": args.baseline_batch, "few_batch": args.few_batch, "config": str(args.config),
+               "per_seed": per_seed,
                "mean": mean, "table": table}  # fmt: skip
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{args.sites} sites (natural vendor split), {args.videos} phantom videos, seeds {args.seeds}\n")
