@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.dml import Delete
 
 DEFAULT_STATE = "fedecho-state"
 DB_NAME = "fedecho.db"
@@ -274,6 +275,12 @@ class _Checkpoint(Base):
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     created: Mapped[float] = mapped_column(Double)
+
+
+def _delete_checkpoint(run_id: int, phase: str, round: int) -> Delete:
+    return delete(_Checkpoint).where(
+        _Checkpoint.run_id == run_id, _Checkpoint.phase == phase, _Checkpoint.round == round
+    )
 
 
 class _Site(Base):
@@ -581,21 +588,13 @@ class Store:
         """Record a saved global model (re-saving the same phase and round replaces the record)."""
         with self._write() as s:
             self._run(s, run_id).updated = _now()
-            s.execute(
-                delete(_Checkpoint).where(
-                    _Checkpoint.run_id == run_id, _Checkpoint.phase == phase, _Checkpoint.round == round
-                )
-            )
+            s.execute(_delete_checkpoint(run_id, phase, round))
             s.add(_Checkpoint(run_id=run_id, phase=phase, round=round, path=str(path), sha256=sha256, created=_now()))
 
     def remove_checkpoint(self, run_id: int, phase: str, round: int) -> None:
         """Forget a checkpoint's record (retention: its files go next)."""
         with self._write() as s:
-            s.execute(
-                delete(_Checkpoint).where(
-                    _Checkpoint.run_id == run_id, _Checkpoint.phase == phase, _Checkpoint.round == round
-                )
-            )
+            s.execute(_delete_checkpoint(run_id, phase, round))
 
     def checkpoints(self, run_id: int) -> list[CheckpointRow]:
         """The run's checkpoints, newest first."""
