@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_loader.py
 	$(BIN)/python bench/dicom_ingest.py
 	$(BIN)/python bench/federation.py
-	$(BIN)/python bench/federated_accuracy.py
+	$(BIN)/python bench/federated_accuracy.py --seeds 0,1
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/local_training.py --videos 300 --unlabeled 600 --pretrain-epochs 60 --seeds 0,1 --threads 1
 	$(BIN)/python bench/local_training.py --videos 800 --unlabeled 600 --pretrain-epochs 60 --seeds 0,1 --threads 1 \

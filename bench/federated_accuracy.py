@@ -1,7 +1,7 @@
 """Accuracy of federation on the phantom (issue 6 item 6): 5 sites split naturally by scanner vendor,
 equal compute (the FLamby protocol of `fedecho sim --compare`).
 
-    python bench/federated_accuracy.py --videos 250 --seeds 0 --threads 2
+    python bench/federated_accuracy.py --videos 250 --seeds 0,1 --threads 2
 
 1. Federated pre-training + EF fine-tuning (the strategy of --config), then pooled and local-only training at equal
    compute (`fedecho.sim.compare`: as many videos as the federation's sites see, at --baseline-batch): test EF
