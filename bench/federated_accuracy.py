@@ -172,8 +172,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"videos": args.videos, "sites": args.sites, "seeds": seeds, "fraction": args.fraction,
                "baseline_batch": args.baseline_batch, "few_batch": args.few_batch, "config": str(args.config),
-               "per_seed": per_seed,
-               "mean": mean, "table": table}  # fmt: skip
+               "per_seed": per_seed, "mean": mean, "table": table}  # fmt: skip
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{args.sites} sites (natural vendor split), {args.videos} phantom videos, seeds {args.seeds}\n")
     print("| measure | value | target |\n|---|---|---|")

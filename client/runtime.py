@@ -270,13 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     given.add_argument("--token-stdin", action="store_true", help="start ahead; read the task token from stdin")
     task.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
+    if args.command in ("node", "flower-supernode"):  # the SuperNode's own arguments, after an optional "--"
+        args.supernode = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
     if args.command == "flower-supernode":  # Flower configures its own logging
-        supernode(args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode)
+        supernode(args.supernode)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request (the runner polls 5 times a second)
     if args.command == "node":
-        cmd = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
-        sys.exit(node(cmd, args.runtime_api_address, args.secret_file))
+        sys.exit(node(args.supernode, args.runtime_api_address, args.secret_file))
     if args.command == "executor":
         with contextlib.suppress(KeyboardInterrupt):
             serve(args.runtime_api_address, args.secret_file, args.parent_pid)
