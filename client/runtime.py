@@ -46,7 +46,6 @@ from fedecho.client.audit import BUNDLE_ENV, SiteLog
 log = logging.getLogger("fedecho.client.runtime")
 
 ERROR_REFUSED = 103  # fedecho.client.app.ERROR_REFUSED (not imported: that module loads torch)
-ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
 class BundleRefused(RuntimeError):
@@ -150,52 +149,28 @@ def _spare_runner(address: str) -> subprocess.Popen[bytes]:
 
 
 def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float = 0.2) -> None:
-    """Take ClientApp tasks from the SuperNode's Runtime API and hand each to a spare runner started ahead
-    (then start the next spare), until the parent dies."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
+    """Take ClientApp tasks from the SuperNode's Runtime API (`fedecho.fl.superexec`) and hand each to a spare
+    runner started ahead (then start the next spare), until the parent dies."""
+    from fedecho.fl.superexec import serve as serve_tasks
 
     check_flower()
-    if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)
-    client = RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-            SuperExecAuthHttpInterceptor(master_secret=secret_file.read_bytes(), protected_methods={ACQUIRE}),
-        ],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )  # fmt: skip
-    children: list[subprocess.Popen[bytes]] = []
-    spare = _spare_runner(address)
+    spare = [_spare_runner(address)]
+
+    def launch(token: str) -> None:
+        if spare[0].poll() is not None:  # the spare died (e.g. killed): start a fresh one for this task
+            spare[0] = _spare_runner(address)
+        stdin = spare[0].stdin
+        assert stdin is not None
+        stdin.write(token.encode() + b"\n")
+        stdin.close()
+        spare[0] = _spare_runner(address)
+
     try:
-        while True:
-            children = [c for c in children if c.poll() is None]
-            try:
-                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
-            except Exception as e:  # the SuperNode's Runtime API is not up yet, or restarting
-                log.debug("AcquireTask: %s", e)
-                time.sleep(1.0)
-                continue
-            if res.HasField("task") and res.token:
-                if spare.poll() is not None:  # the spare died (e.g. killed): start a fresh one for this task
-                    spare = _spare_runner(address)
-                assert spare.stdin is not None
-                spare.stdin.write(res.token.encode() + b"\n")
-                spare.stdin.close()
-                children.append(spare)
-                spare = _spare_runner(address)
-                continue  # another task may be waiting
-            time.sleep(poll)
+        serve_tasks(address, secret_file, "flwr-clientapp", launch, parent_pid=parent_pid, poll=poll)
     finally:
         with contextlib.suppress(OSError):
-            if spare.stdin is not None:
-                spare.stdin.close()  # end of input: the spare exits without a task
-        client.close()
+            if spare[0].stdin is not None:
+                spare[0].stdin.close()  # end of input: the spare exits without a task
 
 
 SUPERNODE_IDLE_POLL = 0.5  # s between a SuperNode's requests for a new message while it has none (flwr: 3 s)

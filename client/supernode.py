@@ -11,16 +11,14 @@ folder (mode 0600). The ClientApp learns where the site's settings are from the 
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import tomli_w
 
-from fedecho._proc import flower_env, spawn, tail, wait_for
+from fedecho._proc import ensure_secret, flower_env, spawn, tail, wait_for
 from fedecho.client.config import SiteConfig
 from fedecho.storage.files import atomic_write_bytes
 
@@ -45,13 +43,7 @@ def node_config_file(site: SiteConfig) -> Path:
 
 def runtime_secret(site: SiteConfig) -> Path:
     """<state>/runtime.secret (0600, created once): signs the runner's task requests to the SuperNode."""
-    path = site.state / "runtime.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_hex(32).encode())
-    return path
+    return ensure_secret(site.state / "runtime.secret")
 
 
 def check_site_files(site: SiteConfig) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,6 +40,16 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)])
     env.update(extra or {})
     return env
+
+
+def ensure_secret(path: Path) -> Path:
+    """A random secret file (0600, created once): signs a runner's task requests to a Flower Runtime API."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode())
+    return path
 
 
 def flower_bin(name: str) -> str:

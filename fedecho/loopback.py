@@ -1,9 +1,11 @@
-"""A whole federation on one machine over loopback: certificates, configs, SuperLink, SuperNodes.
+"""A whole federation on one machine over loopback: certificates, configs, the coordinator, SuperNodes.
 
 The deployment tests and `bench/federation.py` both need real Flower processes (TLS, node
-authentication, the site's own ClientApp runner) without a network; this is the one harness they share.
-Every process runs in its own session (process group) and is killed, with its group, by
-`Deployment.close`, so a failure leaves nothing behind. Ports are free ones picked at run time.
+authentication, the public front, the ServerApp and ClientApp runners) without a network; this is the one
+harness they share. The coordinator's public address is on a second loopback address (PUBLIC_HOST,
+127.0.0.2), its SuperLink on 127.0.0.1, as a real coordinator has its front on the network interface and its
+SuperLink on loopback. Every process runs in its own session (process group) and is killed, with its group,
+by `Deployment.close`, so a failure leaves nothing behind. Ports are free ones picked at run time.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from fedecho.client.config import SiteConfig, load_site_config
 from fedecho.client.supernode import start_supernode, wait_connected
 from fedecho.security.certs import create_site_keys, init_certs
 from fedecho.server.config import ServerConfig, load_server_config
-from fedecho.server.superlink import register_sites, start_superlink, wait_ready
+from fedecho.server.superlink import Coordinator, register_sites
+
+PUBLIC_HOST = "127.0.0.2"  # the coordinator's "network" address in tests: what sites (and outsiders) dial
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on host that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -47,14 +51,17 @@ def write_server_toml(
     min_sites: int = 2,
     eval_data: Path | None = None,
     trace_messages: bool = False,
+    control_port: int | None = None,
 ) -> Path:
-    """A server.toml under root with certs in root/certs, keys in root/keys, state in root/server."""
+    """A server.toml under root with certs in root/certs, keys in root/keys, state in root/server: the front on
+    PUBLIC_HOST:port, the SuperLink on 127.0.0.1 (a free port unless given)."""
     path = root / "server.toml"
     path.write_text(
         "[server]\n"
         'state = "server"\n'
-        f'address = "127.0.0.1:{port}"\n'
-        f'listen = "127.0.0.1:{port}"\n'
+        f'address = "{PUBLIC_HOST}:{port}"\n'
+        f'listen = "{PUBLIC_HOST}:{port}"\n'
+        f'control = "127.0.0.1:{control_port or free_port()}"\n'
         'certs = "certs"\n'
         'keys = "keys"\n'
         f"round_timeout = {float(round_timeout)}\n"
@@ -90,7 +97,7 @@ def write_site_toml(
         "threads = 1\n"
         f'device = "{device}"\n'
         "[superlink]\n"
-        f'address = "127.0.0.1:{superlink_port}"\n'
+        f'address = "{PUBLIC_HOST}:{superlink_port}"\n'
         'ca = "../certs/ca.pem"\n'
         f'private_key = "{name}.key"\n'
         f'public_key = "{name}.pub"\n'
@@ -102,11 +109,12 @@ def write_site_toml(
 
 @dataclass
 class Deployment:
-    """A SuperLink with TLS and node authentication in `root`, plus the SuperNodes started against it."""
+    """A coordinator (SuperLink with TLS and node authentication, its runner, its front) in `root`, plus the
+    SuperNodes started against it."""
 
     root: Path
     server: ServerConfig
-    superlink: subprocess.Popen[bytes] | None = None
+    coordinator: Coordinator | None = None
     supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     sites: dict[str, SiteConfig] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
@@ -133,8 +141,9 @@ class Deployment:
             self.start_supernode(name)
 
     def start_superlink(self, timeout: float = 60.0) -> None:
-        self.superlink = start_superlink(self.server)
-        wait_ready(self.server, self.superlink, timeout=timeout)
+        """The whole coordinator: SuperLink, ServerApp runner and public front."""
+        self.coordinator = Coordinator(self.server)
+        self.coordinator.start(timeout)
 
     def register(self) -> None:
         """Register every site key in the server's keys folder with the running SuperLink."""
@@ -159,16 +168,17 @@ class Deployment:
             with contextlib.suppress(Exception):
                 stop(proc, grace=5)
             kill_group(proc)
-        if self.superlink is not None:
+        if self.coordinator is not None:
             with contextlib.suppress(Exception):
-                stop(self.superlink, grace=10)
-            kill_group(self.superlink)
+                self.coordinator.stop()
+            for proc in self.coordinator.procs.values():
+                kill_group(proc)
 
 
 def make_deployment(root: Path, **server_kwargs: object) -> Deployment:
     """Certificates for 127.0.0.1 and a server.toml on a free port (the SuperLink is not started yet)."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    init_certs(root / "certs", f"127.0.0.1:{port}")
+    port = free_port(PUBLIC_HOST)
+    init_certs(root / "certs", f"{PUBLIC_HOST}:{port}")
     cfg = load_server_config(write_server_toml(root, port, **server_kwargs))  # type: ignore[arg-type]
     return Deployment(root=root, server=cfg)

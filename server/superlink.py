@@ -1,10 +1,14 @@
-"""Run the coordinator's Flower SuperLink: argv and environment, start, readiness, site registration, stop.
+"""Run the coordinator: the Flower SuperLink, its ServerApp runner and its public front; site registration.
 
-The SuperLink serves the Fleet (sites), Control (`flwr`) and Runtime (ServerApp) APIs on one TLS port. It is
-started with SuperNode authentication (only registered public keys may join), a persistent database in the
-state folder (registrations and run history survive a restart), no runtime dependency installation (the
-code a run executes is the installed fedecho package, nothing is downloaded), and FLWR_HOME in the state
-folder. fedecho's own `flwr` calls go through the connection named `fedecho` in $FLWR_HOME/config.toml.
+The SuperLink serves the Fleet (sites), Control (`flwr`) and Runtime (ServerApp) APIs on one TLS port, so it
+binds a loopback address only (`[server].control`): the network reaches it through the public front
+(`fedecho.server.front`, nginx with a Fleet-only allow-list), and Control stays on this machine. It is started
+with SuperNode authentication (only registered public keys may join), a persistent database in the state
+folder (registrations and run history survive a restart), no runtime dependency installation (the code a run
+executes is the installed fedecho package, nothing is downloaded), FLWR_HOME in the state folder, and
+`--isolation process`: the ServerApp runs under fedecho's own runner (`fedecho.server.runtime`), which runs
+only fedecho's code-less submission. fedecho's own `flwr` calls go through the connection named `fedecho`
+in $FLWR_HOME/config.toml, to the loopback address.
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from fedecho._proc import flower_bin, flower_env, spawn, tail, wait_for
-from fedecho.security.certs import CertError, load_site_public_key
+from fedecho._proc import ensure_secret, flower_bin, flower_env, spawn, stop, tail, wait_for
+from fedecho.security.certs import CertError, load_site_public_key, split_host_port
 from fedecho.server.config import CONNECTION, ServerConfig
+from fedecho.server.front import FrontError, front_health, start_front
 from fedecho.storage.files import atomic_write_bytes
 
 
@@ -41,13 +47,17 @@ class SiteRegistration:
 
 
 def superlink_argv(cfg: ServerConfig, insecure: bool = False) -> list[str]:
-    """The flower-superlink command line for this config (TLS + node auth unless insecure)."""
+    """The flower-superlink command line for this config (TLS + node auth unless insecure), on the loopback
+    control address, with ServerApps left to fedecho's runner."""
+    host, port = split_host_port(cfg.control)
     argv = [
         flower_bin("flower-superlink"),
         "--database", str(cfg.database),
         "--disable-runtime-dependency-installation",
-        "--host", cfg.listen_host,
-        "--port", str(cfg.listen_port),
+        "--host", host,
+        "--port", str(port),
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(ensure_secret(cfg.runtime_secret)),
     ]  # fmt: skip
     if insecure:
         return [*argv, "--insecure"]
@@ -185,7 +195,45 @@ def register_sites(cfg: ServerConfig) -> list[SiteRegistration]:
         registry[name] = {"node_id": node_id or registry.get(name, {}).get("node_id", ""), "public_key": text}
         results.append(SiteRegistration(name, pub, node_id, status))
     atomic_write_bytes(_registry_path(cfg), (json.dumps(registry, indent=2) + "\n").encode())
+    for r in results:
+        if r.status == "registered":
+            _audit_registration(cfg, r.name, f"registered as node {r.node_id}")
     return results
+
+
+COORDINATOR = "coordinator (loopback)"  # the source of what fedecho's own commands do on the coordinator machine
+
+
+def _audit_registration(cfg: ServerConfig, name: str, what: str) -> None:
+    from fedecho.storage.store import Store, store_url
+
+    with Store(store_url(cfg.state, cfg.store)) as store:
+        store.add_access(COORDINATOR, "registration", f"site {name}", "allowed", what)
+
+
+def unregister_site(cfg: ServerConfig, name: str) -> str:
+    """Remove a site: unregister its node at the SuperLink, move its key out of the keys folder (to
+    keys/removed/, so a restart does not register it again) and drop it from the registry. Returns its node id."""
+    registry = read_registry(cfg)
+    pub = cfg.keys / f"{name}.pub"
+    if name not in registry and not pub.is_file():
+        known = ", ".join(sorted(registry)) or "none"
+        raise SuperLinkError(f"no site {name!r} is registered (registered: {known})")
+    node_id = str(registry.get(name, {}).get("node_id", ""))
+    if node_id:
+        try:
+            flwr_json(cfg, "supernode", "unregister", node_id, CONNECTION)
+        except SuperLinkError as e:
+            if "not found" not in str(e).lower():
+                raise
+    if pub.is_file():
+        removed = cfg.keys / "removed"
+        removed.mkdir(exist_ok=True)
+        pub.replace(removed / pub.name)
+    registry.pop(name, None)
+    atomic_write_bytes(_registry_path(cfg), (json.dumps(registry, indent=2) + "\n").encode())
+    _audit_registration(cfg, name, f"removed (node {node_id or '?'}); its key moved to {cfg.keys / 'removed'}")
+    return node_id
 
 
 def list_nodes(cfg: ServerConfig) -> list[dict[str, Any]]:
@@ -200,3 +248,67 @@ def list_runs(cfg: ServerConfig) -> list[dict[str, Any]]:
 
 def pid_file(cfg: ServerConfig) -> Path:
     return cfg.state / "superlink.pid"
+
+
+def runner_argv(cfg: ServerConfig, insecure: bool = False) -> list[str]:
+    """The coordinator's ServerApp runner (`fedecho.server.runtime executor`) for this config."""
+    argv = [
+        sys.executable, "-m", "fedecho.server.runtime", "executor",
+        "--runtime-api-address", cfg.control,
+        "--secret-file", str(ensure_secret(cfg.runtime_secret)),
+        "--server-config", str(cfg.path),
+    ]  # fmt: skip
+    return argv if insecure else [*argv, "--root-certificates", str(cfg.ca_cert)]
+
+
+@dataclass
+class Coordinator:
+    """The coordinator's three processes, started and stopped in order: the SuperLink (loopback), its ServerApp
+    runner, and the public front (the only one the network sees). Each logs to <state>/logs/NAME.log."""
+
+    cfg: ServerConfig
+    insecure: bool = False
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def log(self, name: str) -> Path:
+        return self.cfg.logs / f"{name}.log"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start all three and wait until the SuperLink and the front answer /health; on failure stop what
+        started and raise SuperLinkError with the failing process's last log lines."""
+        try:
+            self.procs["superlink"] = start_superlink(self.cfg, self.insecure, self.log("superlink"))
+            wait_ready(self.cfg, self.procs["superlink"], self.insecure, timeout, self.log("superlink"))
+            self.procs["runner"] = spawn(
+                runner_argv(self.cfg, self.insecure), flower_env(self.cfg.flwr_home), self.log("runner"),
+                cwd=self.cfg.state,
+            )  # fmt: skip
+            self.procs["front"] = start_front(self.cfg, self.insecure, self.log("front"))
+            front = self.procs["front"]
+            ok = wait_for(lambda: front.poll() is not None or front_health(self.cfg, self.insecure), timeout, 0.2)
+            if front.poll() is not None or not ok:
+                raise SuperLinkError(
+                    f"the public front (nginx) on {self.cfg.listen} did not come up:\n{tail(self.log('front'))}"
+                )
+            if (gone := self.exited()) is not None:
+                raise SuperLinkError(f"the coordinator's {gone} exited at start:\n{tail(self.log(gone))}")
+        except (SuperLinkError, FrontError, OSError):
+            self.stop()
+            raise
+
+    def exited(self) -> str | None:
+        """The name of a process that has exited (the coordinator is then incomplete), else None."""
+        return next((name for name, p in self.procs.items() if p.poll() is not None), None)
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
+
+    def stop(self) -> int:
+        """Front first (no new requests), then the runner, then the SuperLink; returns the SuperLink's code."""
+        code = 0
+        for name in ("front", "runner", "superlink"):
+            proc = self.procs.get(name)
+            if proc is not None:
+                rc = stop(proc, grace=10 if name != "superlink" else 20)
+                code = rc if name == "superlink" else code
+        return code

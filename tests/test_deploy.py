@@ -24,13 +24,18 @@ from fedecho.security.certs import init_certs
 from fedecho.server.config import load_server_config
 from fedecho.server.submit import submit_run
 from fedecho.server.superlink import health, list_nodes, read_registry, register_sites
+from fedecho.storage import Store
+from fedecho.storage.store import store_url
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
 TOY_APP = '''
-"""A code-free check of the deployment plumbing: the server asks every node for its node config."""
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+"""Components that are not fedecho's, importable on the coordinator: the coordinator must never run them."""
+import os
+from pathlib import Path
+
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -40,19 +45,7 @@ client = ClientApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    keys = sorted(k for k in context.run_config if k.startswith("fedecho-"))
-    print("toy run config:", ",".join(keys), "state=" + str(context.run_config["fedecho-state"]), flush=True)
-    nodes = list(grid.get_node_ids())
-    msgs = [Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="query") for n in nodes]
-    for reply in grid.send_and_receive(msgs, timeout=120):
-        print("toy reply:", reply.content["m"]["site-config"], reply.content["m"]["site-name"], flush=True)
-
-
-@client.query()
-def query(msg: Message, context: Context) -> Message:
-    nc = context.node_config
-    cfg = ConfigRecord({"site-config": str(nc["site-config"]), "site-name": str(nc["site-name"])})
-    return Message(RecordDict({"m": cfg}), reply_to=msg)
+    Path(os.environ["FEDECHO_TOY_MARKER"]).write_text("the toy ServerApp ran")
 '''
 
 
@@ -108,28 +101,29 @@ def test_unregistered_site_is_refused(deployment: Deployment) -> None:
     assert statuses == {"online"}  # only alpha
 
 
-def test_submitted_bundle_carries_config_not_code(deployment: Deployment, tmp_path: Path) -> None:
+def test_coordinator_runs_only_the_code_less_fedecho_bundle(deployment: Deployment, tmp_path: Path) -> None:
+    """A code-less bundle naming other components (importable on the coordinator) is refused before anything
+    of it is installed or imported, although it came from the coordinator's own `fedecho server run` path."""
     run_toml = tmp_path / "toy.toml"
     run_toml.write_text('[run]\nname = "toy"\n')
-    # the toy components are not fedecho's: the site runs them only once it has approved that bundle
-    from fedecho.client.approval import app_dir_bundle
-    from fedecho.client.audit import SiteLog
-    from fedecho.server.submit import build_app_dir
-
-    toy = build_app_dir(deployment.server, run_toml, serverapp="deploy_toy:server", clientapp="deploy_toy:client")
-    with SiteLog(deployment.sites["alpha"].state) as site_log:
-        site_log.approve(app_dir_bundle(toy).sha256)
+    marker = tmp_path / "toy-ran"
+    os.environ["FEDECHO_TOY_MARKER"] = str(marker)
     lines: list[str] = []
-    sub = submit_run(
-        deployment.server, run_toml, echo=lines.append, serverapp="deploy_toy:server", clientapp="deploy_toy:client"
-    )
+    try:
+        sub = submit_run(
+            deployment.server, run_toml, echo=lines.append, serverapp="deploy_toy:server", clientapp="deploy_toy:client"
+        )
+    finally:
+        del os.environ["FEDECHO_TOY_MARKER"]
     out = "\n".join(lines)
-    assert sub.returncode == 0 and sub.status == "finished:completed", out
-    assert sorted(p.name for p in sub.app_dir.iterdir()) == ["README.md", "pyproject.toml"]
-    keys = "fedecho-eval-data,fedecho-min-sites,fedecho-resume,fedecho-round-timeout,fedecho-run-toml,fedecho-state"
-    assert f"toy run config: {keys},fedecho-store state={deployment.server.state}" in out
-    site = deployment.sites["alpha"]
-    assert f"toy reply: {site.path} alpha" in out  # the ClientApp found the site's TOML through the node config
+    assert sorted(p.name for p in sub.app_dir.iterdir()) == ["README.md", "pyproject.toml"]  # config, no code
+    assert sub.flower_run_id and sub.status == "finished:failed" and sub.returncode != 0, out
+    assert "not fedecho's code-less submission" in out and "deploy_toy:server" in out, out
+    assert "Traceback" not in out
+    assert not marker.exists()
+    with Store(store_url(deployment.server.state)) as store:
+        rows = [r for r in store.access() if r.kind == "bundle"]
+    assert rows and rows[-1].decision == "refused" and "deploy_toy:server" in rows[-1].reason
 
 
 def test_status_cli_shows_superlink_sites_and_runs(deployment: Deployment) -> None:

@@ -13,11 +13,13 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from fedecho._proc import LogFollower, stop, stop_on_signals
+from fedecho._proc import LogFollower, stop_on_signals
 from fedecho._toml import ConfigFileError
 from fedecho.server.config import ServerConfig, load_server_config
+from fedecho.server.front import FrontError, front_health
 from fedecho.server.submit import submit_run
 from fedecho.server.superlink import (
+    Coordinator,
     SuperLinkError,
     health,
     list_nodes,
@@ -25,8 +27,7 @@ from fedecho.server.superlink import (
     pid_file,
     read_registry,
     register_sites,
-    start_superlink,
-    wait_ready,
+    unregister_site,
 )
 
 app = typer.Typer(help="Coordinator: run the SuperLink, submit runs, show the federation.", no_args_is_help=True)
@@ -93,9 +94,11 @@ def start(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not echo the SuperLink's log (it is still written)."),
     ready_timeout: float = typer.Option(60.0, "--ready-timeout", help="Seconds to wait for the SuperLink to come up."),
 ) -> None:
-    """Start the SuperLink (TLS, SuperNode authentication, persistent state) and register the sites' keys.
+    """Start the coordinator and register the sites' keys: the SuperLink (TLS, SuperNode authentication,
+    persistent state) on the loopback control address, fedecho's ServerApp runner, and the public front
+    (nginx) on the listen address, which serves the sites the Fleet API and nothing else.
 
-    Runs in the foreground until Ctrl-C, which stops the SuperLink cleanly.
+    Runs in the foreground until Ctrl-C, which stops all three cleanly.
 
     Example: fedecho server start --config configs/server.toml
     """
@@ -111,42 +114,49 @@ def start(
     if _alive(old.get("pid")):
         raise _fail(f"a SuperLink for {cfg.state} is already running (pid {old['pid']})")
     stop_on_signals()
-    log = cfg.logs / "superlink.log"
-    follower = LogFollower.from_end(log)
-    try:
-        proc = start_superlink(cfg, insecure, log)
-    except (SuperLinkError, OSError) as e:
-        raise _fail(e) from e
-    pid_file(cfg).write_text(json.dumps({"pid": proc.pid, "insecure": insecure, "control": cfg.control}) + "\n")
+    coordinator = Coordinator(cfg, insecure)
+    followers = {name: LogFollower.from_end(coordinator.log(name)) for name in ("superlink", "runner", "front")}
 
     def echo() -> None:
-        for line in follower.read_new():
-            if not quiet:
-                console.print(f"[dim]superlink |[/] {escape(line)}", highlight=False)
+        for name, follower in followers.items():
+            for line in follower.read_new():
+                if not quiet:
+                    console.print(f"[dim]{name:9} |[/] {escape(line)}", highlight=False)
 
     code = 0
     try:
-        console.print(f"starting SuperLink on {cfg.listen_host}:{cfg.listen_port} (state {cfg.state}, log {log})")
-        wait_ready(cfg, proc, insecure, ready_timeout, log)
+        console.print(
+            f"starting the coordinator: SuperLink on {cfg.control} (loopback), public front on {cfg.listen} "
+            f"(state {cfg.state}, logs {cfg.logs})"
+        )
+        coordinator.start(ready_timeout)
+        pids = coordinator.pids()
+        pid_file(cfg).write_text(
+            json.dumps({"pid": pids["superlink"], **pids, "insecure": insecure, "control": cfg.control}) + "\n"
+        )
         echo()
         if insecure:
             console.print("[yellow]node authentication is off: site keys are not registered[/]")
         else:
             _print_registrations(cfg)
-        console.print(f"[green]SuperLink ready[/] at {cfg.address} (control {cfg.control}). Ctrl-C to stop.")
-        while proc.poll() is None:
+        console.print(
+            f"[green]SuperLink ready[/] at {cfg.address} (front {cfg.listen}: Fleet API only; control {cfg.control}, "
+            "this machine only). Ctrl-C to stop."
+        )
+        while (gone := coordinator.exited()) is None:
             echo()
             time.sleep(0.5)
         echo()
-        console.print(f"[red]SuperLink exited with code {proc.returncode}[/] (log: {log})")
-        code = proc.returncode or 1
+        rc = coordinator.procs[gone].returncode
+        console.print(f"[red]the coordinator's {gone} exited with code {rc}[/] (log: {coordinator.log(gone)})")
+        code = rc or 1
     except KeyboardInterrupt:
-        console.print("stopping the SuperLink ...")
-    except SuperLinkError as e:
+        console.print("stopping the coordinator ...")
+    except (SuperLinkError, FrontError, OSError) as e:
         Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}")
         code = 1
     finally:
-        rc = stop(proc)
+        rc = coordinator.stop()
         echo()
         pid_file(cfg).unlink(missing_ok=True)
     if code:
@@ -167,6 +177,40 @@ def _print_registrations(cfg: ServerConfig) -> None:
         console.print(f"[yellow]no site public keys (*.pub) in {cfg.keys}: no SuperNode can join[/]")
     else:
         console.print(table)
+
+
+@app.command("register")
+def register(server: Path = SERVER) -> None:
+    """Register every site key in the keys folder with the running SuperLink, now (no restart needed).
+
+    Only this command and `fedecho server start`, on the coordinator machine, add a site: the public front
+    refuses registration from the network.
+
+    Example: fedecho server register --server configs/server.toml
+    """
+    cfg = _load(server)
+    _require_up(cfg)
+    if _insecure(cfg):
+        raise _fail("the SuperLink runs --insecure: node authentication is off, there are no keys to register")
+    _print_registrations(cfg)
+
+
+@app.command("unregister")
+def unregister(
+    site: str = typer.Argument(..., help="The site's name (its key's file stem in the keys folder)."),
+    server: Path = SERVER,
+) -> None:
+    """Remove a site from the federation: its node is unregistered and its key leaves the keys folder.
+
+    Example: fedecho server unregister site02 --server configs/server.toml
+    """
+    cfg = _load(server)
+    _require_up(cfg)
+    try:
+        node_id = unregister_site(cfg, site)
+    except SuperLinkError as e:
+        raise _fail(e) from e
+    console.print(f"site {site} removed (node {node_id or '?'}); its key is in {cfg.keys / 'removed'}")
 
 
 def _require_up(cfg: ServerConfig) -> None:
@@ -241,10 +285,12 @@ def status(server: Path = SERVER) -> None:
     up = health(cfg, insecure)
     pid = info.get("pid")
     state = "[green]up[/]" if up else "[red]down[/]"
+    front = "[green]up[/]" if front_health(cfg, insecure) else "[red]down[/]"
     console.print(
         f"SuperLink {state} at {cfg.address} (control {cfg.control}, pid {pid if _alive(pid) else '-'}, "
         f"{'[red]INSECURE[/]' if insecure else 'TLS + node auth'}), state {cfg.state}"
     )
+    console.print(f"public front {front} on {cfg.listen} (Fleet API only)")
     if not up:
         raise typer.Exit(1)
     try:

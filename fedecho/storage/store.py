@@ -48,6 +48,8 @@ PHASE_STATUSES = ("pending", "running", "finished")
 RESULT_KINDS = ("train", "evaluate")
 RESULT_STATUSES = ("ok", "failed", "rejected", "refused")
 AUDIT_STATUSES = ("accepted", "failed", "rejected", "refused")
+ACCESS_KINDS = ("control", "runtime", "fleet", "other", "bundle", "registration")
+ACCESS_DECISIONS = ("refused", "allowed")
 
 
 class StoreMissing(FileNotFoundError):
@@ -166,6 +168,17 @@ class AuditRow:
     bytes_down: int
     bytes_up: int
     sha256: str  # of the reply's arrays as received (the site logs the same digest for what it sent)
+    created: float
+
+
+@dataclass(frozen=True)
+class AccessRow:
+    id: int
+    source: str  # the network address the request came from (or "coordinator (loopback)")
+    kind: str  # control | runtime | fleet | other (a refused request) | bundle | registration
+    request: str  # method and path, the bundle's hash, or the site key
+    decision: str  # refused | allowed
+    reason: str
     created: float
 
 
@@ -332,7 +345,22 @@ def append_only(table: Any) -> None:
         event.listen(table, "after_create", ddl.execute_if(dialect="sqlite"))
 
 
+class _Access(Base):
+    """Who tried what at the coordinator outside the rounds: requests the public front refused, app bundles the
+    ServerApp runner refused, site keys registered or removed; append-only."""
+
+    __tablename__ = "access_audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    request: Mapped[str] = mapped_column(Text)
+    decision: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[float] = mapped_column(Double)
+
+
 append_only(_Audit.__table__)
+append_only(_Access.__table__)
 
 
 # ---------------------------------------------------------------- engine
@@ -703,6 +731,31 @@ class Store:
                 )
                 for a in s.scalars(q)
             ]  # fmt: skip
+        return rows[::-1]
+
+    # ------------------------------------------------------------ access audit (append-only)
+
+    def add_access(
+        self, source: str, kind: str, request: str, decision: str, reason: str = "", *, created: float | None = None
+    ) -> None:
+        """Append one access decision (refused request, refused bundle, key registered or removed)."""
+        _check(kind, ACCESS_KINDS, "access kind")
+        _check(decision, ACCESS_DECISIONS, "access decision")
+        with self._write() as s:
+            s.add(
+                _Access(
+                    source=source, kind=kind, request=request, decision=decision, reason=reason,
+                    created=_now() if created is None else created,
+                )
+            )  # fmt: skip
+
+    def access(self, limit: int | None = None) -> list[AccessRow]:
+        """Access audit rows oldest first (the newest `limit` of them)."""
+        q = select(_Access).order_by(_Access.id.desc())
+        if limit:
+            q = q.limit(limit)
+        with self._read() as s:
+            rows = [AccessRow(a.id, a.source, a.kind, a.request, a.decision, a.reason, a.created) for a in s.scalars(q)]
         return rows[::-1]
 
 
