@@ -10,9 +10,20 @@ DEMO_DIR ?= demo-output
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv nginx demo test lint bench clean
 
 venv: $(STAMP)
+
+# The coordinator's public front is nginx (a system package): the deployment tests start real ones.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing nginx-light (the coordinator's public front) ..."; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
+		else \
+			echo "nginx is needed (the coordinator's public front): install it, e.g. sudo apt-get install nginx-light" >&2; \
+			exit 1; \
+		fi; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +43,7 @@ demo: $(STAMP)
 	$(BIN)/fedecho predict $$(ls $(DEMO_DIR)/phantom/site01/Videos/*.avi | head -n 1) \
 		--checkpoint $$(ls $(DEMO_DIR)/state/checkpoints/run-0001/finetune-round-*.safetensors | grep -v strategy | tail -n 1)
 
-test: $(STAMP)
+test: $(STAMP) nginx
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -75,7 +75,8 @@ def refused_log(cfg: ServerConfig) -> Path:
 
 def nginx_bin(cfg: ServerConfig) -> str:
     """The nginx executable, or a FrontError that says how to install it."""
-    found = shutil.which(cfg.nginx) or (cfg.nginx if Path(cfg.nginx).is_file() else None)
+    # Debian installs it in /usr/sbin, which a non-root PATH often lacks
+    found = shutil.which(cfg.nginx) or shutil.which(cfg.nginx, path="/usr/sbin:/usr/local/sbin:/sbin")
     if found is None:
         raise FrontError(
             f"[server].nginx = {cfg.nginx!r} in {cfg.path}: no such executable. The coordinator's public front is "

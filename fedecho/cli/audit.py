@@ -38,10 +38,18 @@ def audit(
     site_name: str | None = typer.Option(None, "--site-name", help="Server log: only this site's replies."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the newest N rows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (full hashes) instead of a table."),
+    access: bool = typer.Option(
+        False,
+        "--access",
+        help="Server: the access log (requests the public front refused, refused app bundles, "
+        "site keys registered or removed) instead of the replies.",
+    ),
 ) -> None:
-    """Show an audit log: the server's record of every reply, or (--site) a site's record of every message.
+    """Show an audit log: the server's record of every reply (or --access: of who tried what at the
+    coordinator), or (--site) a site's record of every message.
 
-    Examples: fedecho audit --state runs/deploy/server --run 3; fedecho audit --site site.toml --limit 20
+    Examples: fedecho audit --state runs/deploy/server --run 3; fedecho audit --state runs/deploy/server --access;
+    fedecho audit --site site.toml --limit 20
     """
     if site is not None:
         from fedecho.client.audit import SiteLog
@@ -65,6 +73,19 @@ def audit(
             for r in site_rows
         ]  # fmt: skip
         print_table(TableData(f"audit log of site {cfg.name} ({cfg.state / 'site.db'})", header, rows), Console())
+        return
+    if access:
+        with open_store(state, store) as st:
+            try:
+                access_rows = st.access(limit)
+            except SQLAlchemyError:  # a store written before the access log existed
+                access_rows = []
+        if as_json:
+            typer.echo(json.dumps([dataclasses.asdict(r) for r in access_rows], indent=1))
+            return
+        header = ["id", "time", "source", "kind", "request", "decision", "reason"]
+        rows = [[str(r.id), _when(r.created), r.source, r.kind, r.request, r.decision, r.reason] for r in access_rows]
+        print_table(TableData("server access log", header, rows), Console())
         return
     with open_store(state, store) as st:
         try:

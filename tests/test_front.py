@@ -1,0 +1,211 @@
+"""Nobody takes the federation over from the network: an outsider against a real coordinator on loopback.
+
+The coordinator runs as `fedecho server start` runs it (SuperLink on 127.0.0.1 with TLS and SuperNode
+authentication, its ServerApp runner, the nginx front on PUBLIC_HOST, the address the sites dial), with two
+registered sites connected through the front. The outsider holds what every site holds and anyone can read
+from the TLS handshake: the federation's CA certificate and the front's address. It runs Flower's own CLI
+from a Flower home of its own, with no access to the coordinator's files.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from deploy_helpers import Deployment, make_deployment
+from typer.testing import CliRunner
+
+from builders import tiny_run
+from fedecho._proc import flower_bin, flower_env
+from fedecho.cli import app
+from fedecho.loopback import PUBLIC_HOST
+from fedecho.security.certs import create_site_keys, split_host_port
+from fedecho.server.front import sync_refusals
+from fedecho.server.submit import flwr_run
+from fedecho.server.superlink import list_nodes, list_runs
+from fedecho.storage import Store
+from fedecho.storage.store import store_url
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+CODE_APP = '''
+"""An app bundle that carries code: its ServerApp writes a file wherever it runs."""
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    Path({marker!r}).write_text("code from the bundle ran on the coordinator")
+'''
+
+
+def code_app(root: Path, marker: Path) -> Path:
+    """A Flower app folder with a module of its own (what `flwr new` would give an attacker)."""
+    folder = root / "code-app"
+    folder.mkdir(parents=True)
+    (folder / "outsider_app.py").write_text(CODE_APP.format(marker=str(marker)))
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "outsider-app"\nversion = "1.0.0"\ndependencies = []\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n'
+        '[tool.flwr.app.components]\nserverapp = "outsider_app:server"\nclientapp = "outsider_app:client"\n'
+        "[tool.flwr.app.config]\n"
+    )
+    return folder
+
+
+class Outsider:
+    """Flower's CLI with a Flower home that knows only the front's address and the CA certificate."""
+
+    def __init__(self, root: Path, dep: Deployment) -> None:
+        self.home = root / "outsider-flwr"
+        self.home.mkdir(parents=True)
+        ca = self.home / "ca.pem"
+        ca.write_bytes(dep.server.ca_cert.read_bytes())
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "outside"\n'
+            f'[superlink.outside]\naddress = "{dep.server.address}"\nroot-certificates = "{ca}"\n'
+        )
+        self.keys = create_site_keys(root / "outsider-keys", "outsider")
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [flower_bin("flwr"), *args], env=flower_env(self.home), cwd=self.home, capture_output=True, text=True,
+            timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+def _failed(res: subprocess.CompletedProcess[str]) -> bool:
+    """Flower's CLI says no: a non-zero exit, or a JSON answer without success."""
+    if res.returncode != 0:
+        return True
+    start = res.stdout.find("{")
+    try:
+        return not json.loads(res.stdout[start:]).get("success", False)
+    except (json.JSONDecodeError, ValueError):
+        return True
+
+
+def _get(url: str, ca: Path, method: str = "GET") -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def federation(federated_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = make_deployment(tmp_path_factory.mktemp("front"), round_timeout=120.0, min_sites=2)
+    try:
+        for name in ("site01", "site02"):
+            dep.add_site(name, federated_phantom / name)
+        dep.start_all()
+        yield dep
+    finally:
+        dep.close()
+
+
+def test_the_network_sees_the_fleet_api_only(federation: Deployment, tmp_path: Path) -> None:
+    cfg = federation.server
+    front = f"https://{cfg.address}"
+    assert cfg.address.startswith(PUBLIC_HOST) and cfg.control.startswith("127.0.0.1:")
+    assert _get(f"{front}/health", cfg.ca_cert) == 200
+    for path in ("/docs", "/openapi.json", "/v1/control/list-runs", "/v1/runtime/acquire-task", "/v1/fleet/nope"):
+        assert _get(f"{front}{path}", cfg.ca_cert, "POST") == 403, path
+    assert _get(f"{front}/v1/fleet/register-node", cfg.ca_cert, "POST") == 403  # a site joins only if registered
+    assert _get(f"{front}/v1/fleet/pull-messages", cfg.ca_cert, "GET") == 403  # the wrong method
+    # the SuperLink itself does not listen on the coordinator's network address, on its own port or any other
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection((PUBLIC_HOST, split_host_port(cfg.control)[1])),
+    ):
+        pass
+
+
+def test_an_outsider_cannot_list_register_stop_or_run(federation: Deployment, tmp_path: Path) -> None:
+    cfg = federation.server
+    nodes_before = sorted(str(n["node-id"]) for n in list_nodes(cfg))
+    runs_before = sorted(str(r["run-id"]) for r in list_runs(cfg))
+    assert len(nodes_before) == 2
+    outsider = Outsider(tmp_path, federation)
+    marker = tmp_path / "outsider-was-here"
+
+    listed = outsider.flwr("ls", "outside", "--format", "json")
+    assert _failed(listed) and "run-id" not in listed.stdout, listed.stdout + listed.stderr
+    registered = outsider.flwr("supernode", "register", str(outsider.keys.public_key), "outside", "--format", "json")
+    assert _failed(registered), registered.stdout + registered.stderr
+    stopped = outsider.flwr("stop", runs_before[0] if runs_before else "1", "outside", "--format", "json")
+    assert _failed(stopped), stopped.stdout + stopped.stderr
+    ran = outsider.flwr("run", str(code_app(tmp_path, marker)), "outside", "--format", "json")
+    assert _failed(ran), ran.stdout + ran.stderr
+
+    # no trace in the federation: no node, no run, no file
+    assert sorted(str(n["node-id"]) for n in list_nodes(cfg)) == nodes_before
+    assert sorted(str(r["run-id"]) for r in list_runs(cfg)) == runs_before
+    assert not marker.exists()
+    # every attempt is in the server's access audit log, with the address it came from
+    sync_refusals(cfg)  # the runner copies them every second; do not wait for it
+    with Store(store_url(cfg.state)) as store:
+        refused = [r for r in store.access() if r.decision == "refused" and r.kind == "control"]
+    requests = {r.request for r in refused}
+    assert "POST /v1/control/register-node" in requests, requests
+    assert {"POST /v1/control/list-runs", "POST /v1/control/stop-run"} <= requests, requests
+    assert any(r.startswith("POST /v1/control/") and "run" in r for r in requests - {"POST /v1/control/list-runs"})
+    assert all(r.source.startswith("127.") for r in refused)  # the peer address as the front saw it
+    reg = next(r for r in refused if r.request == "POST /v1/control/register-node")
+    assert "coordinator's act" in reg.reason
+
+
+def test_a_code_bundle_from_the_coordinator_itself_is_refused(federation: Deployment, tmp_path: Path) -> None:
+    """Defence in depth: the loopback Control API accepts the run, the coordinator's runner refuses its code."""
+    cfg = federation.server
+    marker = tmp_path / "bundle-code-ran"
+    lines: list[str] = []
+    sub = flwr_run(cfg, code_app(tmp_path, marker), echo=lines.append)
+    out = "\n".join(lines)
+    assert sub.flower_run_id and sub.status == "finished:failed", out
+    assert "not fedecho's code-less submission" in out and "outsider_app.py" in out, out
+    assert not marker.exists()
+    with Store(store_url(cfg.state)) as store:
+        bundles = [r for r in store.access() if r.kind == "bundle"]
+    assert bundles and bundles[-1].decision == "refused" and "outsider_app" in bundles[-1].reason
+
+
+def test_sites_train_through_the_front_and_the_coordinator_works(federation: Deployment, tmp_path: Path) -> None:
+    cfg = federation.server
+    run_toml = tmp_path / "tiny.toml"
+    run_toml.write_text(tiny_run(wire="int8", pretrain_rounds=1, finetune_rounds=1))
+    wide = {"COLUMNS": "200"}
+    res = runner.invoke(app, ["server", "run", "--config", str(run_toml), "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 0, res.output
+    assert "pretrain round 1" in res.output and "finetune round 1" in res.output, res.output
+    with Store(store_url(cfg.state)) as store:
+        run = store.list_runs()[-1]
+        assert run.status == "finished"
+        assert {(r.phase, r.sites_replied) for r in store.rounds(run.id)} == {("pretrain", 2), ("finetune", 2)}
+        assert {s.site for s in store.site_results(run.id)} == {"site01", "site02"}
+    res = runner.invoke(app, ["server", "status", "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 0, res.output
+    assert "public front up" in res.output and "finished:completed" in res.output
+    assert res.output.count("online") >= 2 and "site01" in res.output and "site02" in res.output
+    res = runner.invoke(app, ["audit", "--state", str(cfg.state), "--access"], env=wide)
+    assert res.exit_code == 0 and "register-node" in res.output, res.output
