@@ -208,6 +208,33 @@ def start_front(cfg: ServerConfig, insecure: bool = False, log: Path | None = No
     return spawn(argv, dict(os.environ), log or cfg.logs / "front.log", cwd=folder(cfg))
 
 
+def stop_stale_front(cfg: ServerConfig, grace: float = 10.0) -> None:
+    """End an nginx this state folder's front left running (its supervisor was killed outright), so that the new
+    one can bind the port: only a process whose command line names this front's folder."""
+    import signal
+    import time
+
+    try:
+        pid = int((folder(cfg) / "nginx.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return
+    if "nginx" not in cmdline or str(folder(cfg).resolve()) not in cmdline:
+        return
+    os.kill(pid, signal.SIGTERM)
+
+    def running() -> bool:  # neither gone nor a zombie waiting for its parent
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
+
+    deadline = time.monotonic() + grace
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def front_health(cfg: ServerConfig, insecure: bool = False, timeout: float = 2.0) -> bool:
     """True when the public address answers GET /health through the front (TLS checked against our CA)."""
     scheme = "http" if insecure else "https"

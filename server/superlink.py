@@ -28,7 +28,7 @@ import tomli_w
 from fedecho._proc import ensure_secret, flower_bin, flower_env, spawn, stop, tail, wait_for
 from fedecho.security.certs import CertError, load_site_public_key, split_host_port
 from fedecho.server.config import CONNECTION, ServerConfig
-from fedecho.server.front import FrontError, front_health, start_front
+from fedecho.server.front import FrontError, front_health, start_front, stop_stale_front
 from fedecho.storage.files import atomic_write_bytes
 
 
@@ -279,10 +279,9 @@ class Coordinator:
         try:
             self.procs["superlink"] = start_superlink(self.cfg, self.insecure, self.log("superlink"))
             wait_ready(self.cfg, self.procs["superlink"], self.insecure, timeout, self.log("superlink"))
-            self.procs["runner"] = spawn(
-                runner_argv(self.cfg, self.insecure), flower_env(self.cfg.flwr_home), self.log("runner"),
-                cwd=self.cfg.state,
-            )  # fmt: skip
+            argv = [*runner_argv(self.cfg, self.insecure), "--parent-pid", str(self.procs["superlink"].pid)]
+            self.procs["runner"] = spawn(argv, flower_env(self.cfg.flwr_home), self.log("runner"), cwd=self.cfg.state)
+            stop_stale_front(self.cfg)
             self.procs["front"] = start_front(self.cfg, self.insecure, self.log("front"))
             front = self.procs["front"]
             ok = wait_for(lambda: front.poll() is not None or front_health(self.cfg, self.insecure), timeout, 0.2)

@@ -19,15 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Deployment, make_deployment
+from deploy_helpers import Deployment, free_port, kill_group, make_deployment, write_server_toml
 from typer.testing import CliRunner
 
 from builders import tiny_run
-from fedecho._proc import flower_bin, flower_env
+from fedecho._proc import flower_bin, flower_env, tail, wait_for
 from fedecho.cli import app
 from fedecho.loopback import PUBLIC_HOST
-from fedecho.security.certs import create_site_keys, split_host_port
-from fedecho.server.front import sync_refusals
+from fedecho.security.certs import create_site_keys, init_certs, split_host_port
+from fedecho.server.config import load_server_config
+from fedecho.server.front import folder, start_front, stop_stale_front, sync_refusals
 from fedecho.server.submit import flwr_run
 from fedecho.server.superlink import list_nodes, list_runs
 from fedecho.storage import Store
@@ -209,3 +210,42 @@ def test_sites_train_through_the_front_and_the_coordinator_works(federation: Dep
     assert res.output.count("online") >= 2 and "site01" in res.output and "site02" in res.output
     res = runner.invoke(app, ["audit", "--state", str(cfg.state), "--access"], env=wide)
     assert res.exit_code == 0 and "register-node" in res.output, res.output
+
+
+def test_only_the_coordinator_adds_or_removes_a_site(federation: Deployment, tmp_path: Path) -> None:
+    cfg = federation.server
+    before = {str(n["node-id"]) for n in list_nodes(cfg)}
+    keys = create_site_keys(tmp_path / "site03", "site03")
+    (cfg.keys / "site03.pub").write_bytes(keys.public_key.read_bytes())
+    wide = {"COLUMNS": "200"}
+    res = runner.invoke(app, ["server", "register", "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 0 and "site03" in res.output, res.output
+    added = {str(n["node-id"]) for n in list_nodes(cfg)} - before
+    assert len(added) == 1
+    res = runner.invoke(app, ["server", "unregister", "site03", "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 0 and "site03 removed" in res.output, res.output
+    assert {str(n["node-id"]) for n in list_nodes(cfg) if n.get("status") != "unregistered"} == before
+    assert not (cfg.keys / "site03.pub").exists() and (cfg.keys / "removed" / "site03.pub").exists()
+    res = runner.invoke(app, ["server", "unregister", "nobody", "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 2 and "no site 'nobody'" in res.output
+    with Store(store_url(cfg.state)) as store:
+        regs = [r for r in store.access() if r.kind == "registration" and r.request == "site site03"]
+    assert [r.reason.split(" ")[0] for r in regs] == ["registered", "removed"]
+
+
+def test_a_front_left_behind_by_a_killed_coordinator_is_ended_at_the_next_start(tmp_path: Path) -> None:
+    port = free_port(PUBLIC_HOST)
+    init_certs(tmp_path / "certs", f"{PUBLIC_HOST}:{port}")
+    cfg = load_server_config(write_server_toml(tmp_path, port))
+    orphan = start_front(cfg)  # as if its `fedecho server start` had been killed with SIGKILL
+    try:
+        pid_file = folder(cfg) / "nginx.pid"
+        assert wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 20.0), tail(cfg.logs / "front.log")
+        other = tmp_path / "other"  # another coordinator's front on this machine is not touched
+        other.mkdir()
+        stop_stale_front(load_server_config(write_server_toml(other, free_port(PUBLIC_HOST))))
+        assert orphan.poll() is None
+        stop_stale_front(cfg)
+        assert orphan.wait(timeout=20) is not None
+    finally:
+        kill_group(orphan)
