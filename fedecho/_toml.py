@@ -83,6 +83,21 @@ class Table:
             raise self.error(key, f"must be positive, not {value}")
         return float(value)
 
+    def integers(self, key: str, *, minimum: int | None = None) -> dict[str, int]:
+        """An optional sub-table of integers (`[table.key]`: name = integer), each value checked like `integer`."""
+        value = self._get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a table of name = integer, not {value!r}")
+        out: dict[str, int] = {}
+        for name, number in value.items():
+            where = f"{self.path}: [{self.name}.{key}].{name}"
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise ConfigFileError(f"{where} must be an integer, not {number!r}")
+            if minimum is not None and number < minimum:
+                raise ConfigFileError(f"{where} must be at least {minimum}, not {number}")
+            out[str(name)] = number
+        return out
+
     def flag(self, key: str, default: Any = _MISSING) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):

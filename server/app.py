@@ -3,13 +3,16 @@
 `app` serves `fedecho server run`: everything it needs arrives in the run config that
 `fedecho server run` writes into the submitted app (`fedecho-run-toml`, `fedecho-state`,
 `fedecho-store`, `fedecho-round-timeout`, `fedecho-min-sites`, `fedecho-eval-data`,
-`fedecho-resume`, and `fedecho-trace-messages` when the coordinator traces messages).
+`fedecho-resume`, `fedecho-trace-messages` when the coordinator traces messages, and `fedecho-max-examples`,
+`fedecho-max-examples-per-site` when its caps on claimed example counts differ from the defaults). Sites are
+named from the registry the coordinator keeps in its state folder (`fedecho.server.identity.RegistryNames`).
 `build_server_app` lets the simulation pass the same settings directly.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -23,6 +26,8 @@ from flwr.supercore.run import Run
 from fedecho._env import set_torch_threads
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.packing import QUICK_PULL, pack_message, unpack_message
+from fedecho.server.config import DEFAULT_MAX_EXAMPLES
+from fedecho.server.identity import RegistryNames
 from fedecho.server.rounds import FederatedRun, ServerSettings
 from fedecho.storage.store import store_url
 
@@ -57,8 +62,24 @@ def settings_from_run_config(context: Context) -> tuple[str, ServerSettings, int
         eval_data=Path(eval_data) if eval_data else None,
         eval_cache=state / "cache",
         trace_messages=bool(rc.get("fedecho-trace-messages", False)),
+        site_names=RegistryNames(state=state),
+        max_examples=int(rc.get("fedecho-max-examples", DEFAULT_MAX_EXAMPLES)),  # type: ignore[arg-type]
+        max_examples_per_site=_per_site_caps(str(rc.get("fedecho-max-examples-per-site", "") or "")),
     )
     return text, settings, int(rc.get("fedecho-resume", 0))  # type: ignore[arg-type]
+
+
+def _per_site_caps(text: str) -> dict[str, int]:
+    """fedecho-max-examples-per-site: JSON {site name: cap} (`fedecho.server.submit.app_config`)."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return {str(k): int(v) for k, v in data.items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"run config fedecho-max-examples-per-site is malformed ({e}): {text[:80]!r}") from e
 
 
 class PackingGrid(Grid):

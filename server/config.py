@@ -7,7 +7,8 @@ evaluation data, round timeout, minimum number of sites). Relative paths are tak
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedecho._proc import StateFolder, is_loopback
@@ -16,6 +17,7 @@ from fedecho.security.certs import CertError, split_host_port
 
 DEFAULT_PORT = 9093
 CONNECTION = "fedecho"  # the name of the SuperLink connection in $FLWR_HOME/config.toml
+DEFAULT_MAX_EXAMPLES = 100_000  # examples a site may claim in one reply, unless [server] says otherwise
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class ServerConfig(StateFolder):
     address: str  # what the sites dial: host:port, in the server certificate's SANs
     listen_host: str
     listen_port: int
-    control: str  # where fedecho's own `flwr` calls reach the SuperLink (loopback by default)
+    control: str  # the SuperLink's own address: loopback only (Control and Runtime APIs stay on this machine)
     certs: Path
     keys: Path
     store: str | None
@@ -35,6 +37,13 @@ class ServerConfig(StateFolder):
     round_timeout: float
     min_sites: int
     trace_messages: bool = False  # the ServerApp writes every message to STATE/trace/ (fedecho.server.trace)
+    nginx: str = "nginx"  # the public front's executable (fedecho.server.front)
+    max_examples: int = DEFAULT_MAX_EXAMPLES  # a site's claimed num-examples per reply: at most this ...
+    max_examples_per_site: Mapping[str, int] = field(default_factory=dict)  # ... or its own cap, by site name
+
+    def examples_cap(self, site: str) -> int:
+        """The most examples `site` may claim in one reply (FedAvg weights its update by the claim)."""
+        return self.max_examples_per_site.get(site, self.max_examples)
 
     @property
     def ca_cert(self) -> Path:
@@ -52,6 +61,22 @@ class ServerConfig(StateFolder):
     def database(self) -> Path:
         """The SuperLink's own state (runs, nodes, messages): persistent, so a restart keeps registrations."""
         return self.state / "superlink.db"
+
+    @property
+    def listen(self) -> str:
+        """HOST:PORT the public front binds."""
+        return _join(self.listen_host, self.listen_port)
+
+    @property
+    def listen_local(self) -> str:
+        """HOST:PORT at which this machine reaches the front (a wildcard bind answers on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.listen_host, self.listen_host)
+        return _join(host, self.listen_port)
+
+    @property
+    def runtime_secret(self) -> Path:
+        """Signs the requests of the coordinator's ServerApp runner (fedecho.server.runtime) to the SuperLink."""
+        return self.state / "runtime.secret"
 
     @property
     def loopback_only(self) -> bool:
@@ -84,9 +109,17 @@ def load_server_config(path: str | Path) -> ServerConfig:
     t = Table(raw, path, "server")
     host, port = _address(t, "address")
     listen_host, listen_port = _address(t, "listen", _join("0.0.0.0", port))
-    wildcard = listen_host in ("0.0.0.0", "::", "")
-    default_control = _join("127.0.0.1" if wildcard else listen_host, listen_port)
-    control_host, control_port = _address(t, "control", default_control)
+    # the SuperLink's own port: by default 100 above the front's (the ports just above are the sites' habit)
+    default_control = listen_port + 100 if listen_port <= 65435 else listen_port - 100
+    control_host, control_port = _address(t, "control", _join("127.0.0.1", default_control))
+    if not is_loopback(control_host):
+        raise t.error(
+            "control",
+            f"must be a loopback address (127.0.0.1, ::1, localhost), not {control_host!r}: the SuperLink's Control "
+            "and Runtime APIs have no access control, so only the public front may face the network",
+        )
+    if control_port == listen_port and (control_host == listen_host or listen_host in ("0.0.0.0", "::", "")):
+        raise t.error("control", f"port {control_port} is the public front's ([server].listen): choose another")
     store = t.text("store", "")
     cfg = ServerConfig(
         path=path,
@@ -102,6 +135,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
         round_timeout=t.number("round_timeout", 3600.0, positive=True),
         min_sites=t.integer("min_sites", 2, minimum=1),
         trace_messages=t.flag("trace_messages", False),
+        nginx=t.text("nginx", "nginx"),
+        max_examples=t.integer("max_examples", DEFAULT_MAX_EXAMPLES, minimum=1),
+        max_examples_per_site=t.integers("max_examples_per_site", minimum=1),
     )
     t.finish()
     return cfg

@@ -6,7 +6,10 @@ drives the same strategy objects (`configure_train`, `aggregate_train`) itself s
   site does not hold it yet;
 - wait for replies with a deadline and go on with the sites that answered (dropouts);
 - check every update (names, shapes, dtype, finite values, norm) before aggregation, decode it to
-  fp32 and add it to the fp32 master;
+  fp32 and add it to the fp32 master; check each reply's metrics and claimed example count, and name
+  its site from the node Flower authenticated (`fedecho.server.identity`), not from the reply. No
+  reply, however malformed, stops a run: whatever is wrong with it makes it a rejected reply, recorded
+  under its site's name with the reason, and the round goes on with the others;
 - checkpoint the global model and the strategy's state after every round and record the round,
   every site's result and the bytes moved in the store;
 - resume a stopped run from its newest valid checkpoint, replaying exactly what an uninterrupted
@@ -17,6 +20,7 @@ drives the same strategy objects (`configure_train`, `aggregate_train`) itself s
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -36,12 +40,16 @@ from fedecho.client.local import build_model
 from fedecho.fl.config import FedRunConfig, parse_run_config, round_lr, round_seed
 from fedecho.fl.exchange import (
     UpdateError,
+    adaptive_norm_bound,
     arrays_sha256,
+    claimed_examples,
     decode,
     encode,
     exchanged_keys,
     frozen_keys,
+    reply_metrics,
     state_hash,
+    update_norm,
     wire_round,
 )
 from fedecho.fl.strategies import (
@@ -55,6 +63,8 @@ from fedecho.fl.strategies import (
 from fedecho.models import EchoVisionFM
 from fedecho.privacy.dp_policy import PRIVACY_METRICS
 from fedecho.server.checkpoints import latest_valid, prune_checkpoints, write_checkpoint
+from fedecho.server.config import DEFAULT_MAX_EXAMPLES
+from fedecho.server.identity import Identity, SiteNames
 from fedecho.server.trace import MessageTrace
 from fedecho.storage import Store
 from fedecho.train import evaluate, make_datasets, pretrain_loss
@@ -82,6 +92,15 @@ class ServerSettings:
     resend_interval: float = 5.0  # seconds before asking again a site Flower reported unavailable ...
     resend_for: float = 60.0  # ... for this long (Flower: a 30 s heartbeat interval, 20 s at most between retries)
     trace_messages: bool = False  # write every message sent and received to STATE/trace/ (fedecho.server.trace)
+    # Who a reply comes from: the deployment names sites from its registry of authenticated nodes
+    # (fedecho.server.identity.RegistryNames); by default, as in the simulation, from the reply itself.
+    site_names: SiteNames = field(default_factory=SiteNames)
+    max_examples: int = DEFAULT_MAX_EXAMPLES  # the most examples a site may claim in one reply ...
+    max_examples_per_site: dict[str, int] = field(default_factory=dict)  # ... unless it has its own cap here
+
+    def examples_cap(self, site: str) -> int:
+        """The most examples `site` may claim in one reply: FedAvg weights its update by the claim."""
+        return self.max_examples_per_site.get(site, self.max_examples)
 
 
 @dataclass
@@ -95,6 +114,7 @@ class SiteReply:
     bytes_up: int = 0
     update: dict[str, torch.Tensor] | None = None
     sha256: str = ""  # of the reply's arrays as received (audit)
+    norm: float = 0.0  # the update's L2 norm (for the round's adaptive bound)
 
 
 _REFUSED_BY = re.compile(r"^refused by site (.+?): ")
@@ -109,15 +129,39 @@ class Outgoing:
     frozen_digest: str  # hash of the frozen tensors as a site holds them; "" when nothing is frozen
 
 
-def _site_name(msg: Message, names: dict[int, str]) -> str:
-    node = msg.metadata.src_node_id
-    if msg.has_content() and "info" in msg.content:
-        name = str(msg.content["info"].get("site", ""))
-        if name:
-            names[node] = name
-    elif msg.has_error() and (m := _REFUSED_BY.match(str(msg.error.reason))):  # a refusal carries no content
-        names.setdefault(node, m.group(1))
-    return names.get(node, f"node-{node}")
+NAME_MAX = 100  # characters of a site name a reply may give
+
+
+def _claimed_name(reply: Message) -> tuple[str, str]:
+    """(the site name a reply gives for itself, "" when none; a problem with it, "" when none): its info record,
+    or a refusal's reason (a refusal carries no content). Never raises: the reply is judged afterwards."""
+    try:
+        if reply.has_content():
+            name = reply.content["info"].get("site", "") if "info" in reply.content else ""
+        elif reply.has_error() and (m := _REFUSED_BY.match(str(reply.error.reason))):
+            name = m.group(1)
+        else:
+            name = ""
+    except Exception as e:
+        return "", f"its site name is unreadable ({type(e).__name__})"
+    if not isinstance(name, str) or len(name) > NAME_MAX or not name.isprintable():
+        return "", f"its site name is not a printable string of at most {NAME_MAX} characters"
+    return name, ""
+
+
+def _count(value: Any) -> int:
+    """A stored example count: the value when it is a finite number, else 0 (the audit keeps the reason)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if math.isfinite(number) and abs(number) < 2**62 else 0
+
+
+def _reason(e: Exception) -> str:
+    """A rejection's reason: an UpdateError's own words, anything unexpected with its type (at most 500 chars)."""
+    text = str(e) if isinstance(e, UpdateError) else f"{type(e).__name__}: {e}"
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 class FederatedRun:
@@ -145,7 +189,7 @@ class FederatedRun:
         self.min_sites = self.cfg.run.min_sites or settings.min_sites
         self.timeout = self.cfg.run.round_timeout or settings.round_timeout
         self.wire = self.cfg.run.wire_dtype
-        self.names: dict[int, str] = {}
+        self.site_names = settings.site_names
         self.holding_frozen: set[int] = set()
         self.server_peak_lr: float | None = None  # a server optimiser's configured eta (schedule_server_lr)
         self.on_round = on_round
@@ -224,11 +268,11 @@ class FederatedRun:
         messages = self.address(planned, out, MessageType.TRAIN)
         replies = self.exchange(grid, messages)
         expected = {k: v.shape for k, v in master.items()}
-        results: list[SiteReply] = []
-        for msg, reply in replies:
-            results.append(self.check_train_reply(msg, reply, expected))
-            if out.frozen_digest and results[-1].status == "ok":
-                self.holding_frozen.add(msg.metadata.dst_node_id)
+        results = [self.check_train_reply(msg, reply, expected) for msg, reply in replies]
+        self.one_reply_per_site(results)
+        self.check_norms(results)  # after every reply's own checks: the bound comes from the valid ones
+        if out.frozen_digest:
+            self.holding_frozen.update(r.node_id for r in results if r.status == "ok")
         accepted = sorted((r for r in results if r.status == "ok"), key=lambda r: r.site)
         if len(accepted) < self.min_sites:
             for r in results:
@@ -262,7 +306,9 @@ class FederatedRun:
         if server_round == pcfg.rounds or (every and server_round % every == 0):
             evaluate_metrics = self.federated_evaluate(grid, phase, server_round, model, strategy, config)
         server_metrics = self.server_evaluate(phase, model)
-        train = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)}
+        train = {
+            k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float) and math.isfinite(v)
+        }  # the sites' metrics are finite, but a weighted sum of huge ones is not
         # The round first, then its checkpoint: a crash in between redoes the round on resume (the
         # round's row is replaced), never a checkpoint whose round the store does not know.
         self.store.add_round(
@@ -279,37 +325,90 @@ class FederatedRun:
             self.on_round(phase, server_round, summary)
 
     def check_train_reply(self, msg: Message, reply: Message | None, expected: dict[str, torch.Size]) -> SiteReply:
+        """A site's training reply, accepted (status ok, its update decoded) or not. Whatever is wrong with the
+        reply, malformed content included, makes it a rejection naming the reason: no reply stops the run."""
         node = msg.metadata.dst_node_id
         down = msg.content["arrays"].count_bytes()
         if reply is None:
-            name = self.names.get(node, f"node-{node}")
+            name = self.identify(node, None).name
             return SiteReply(name, node, "failed", reason="no reply before the deadline", bytes_down=down)
-        site = _site_name(reply, self.names)
-        if reply.has_error():
-            status = "refused" if reply.error.code == ERROR_REFUSED else "failed"
-            if status == "refused":
-                self.store.add_event(self.run_id, "refused", str(reply.error.reason), site=site)
-            return SiteReply(site, node, status, reason=str(reply.error.reason), bytes_down=down)
-        content = reply.content
-        up = content["arrays"].count_bytes() if "arrays" in content else 0
-        sha = arrays_sha256(content["arrays"]) if "arrays" in content else ""
+        site, up, sha = f"node-{node}", 0, ""
         try:
-            if "arrays" not in content or "metrics" not in content:
+            who = self.identify(node, reply)
+            site = who.name
+            if reply.has_error():
+                status = "refused" if reply.error.code == ERROR_REFUSED else "failed"
+                if status == "refused":
+                    self.store.add_event(self.run_id, "refused", str(reply.error.reason), site=site)
+                return SiteReply(site, node, status, reason=str(reply.error.reason), bytes_down=down)
+            content = reply.content
+            arrays = content.get("arrays")
+            if isinstance(arrays, ArrayRecord):
+                up, sha = arrays.count_bytes(), arrays_sha256(arrays)
+            if who.problem:
+                raise UpdateError(who.problem)
+            if arrays is None or "metrics" not in content:
                 raise UpdateError("the reply lacks its arrays or metrics")
-            metrics = {k: float(v) for k, v in content["metrics"].items() if isinstance(v, int | float)}
-            if metrics.get("num-examples", 0) <= 0:
-                raise UpdateError("the reply reports no training examples")
+            if not isinstance(arrays, ArrayRecord):
+                raise UpdateError(f"the reply's arrays are a {type(arrays).__name__}, not an ArrayRecord")
+            metrics = reply_metrics(content["metrics"])
+            claimed_examples(metrics, self.settings.examples_cap(site))
             update = decode(content["arrays"], self.wire, expected, self.cfg.run.max_update_norm)
-        except (UpdateError, ValueError, TypeError) as e:
-            self.store.add_event(self.run_id, "update-rejected", str(e), site=site)
-            return SiteReply(site, node, "rejected", reason=str(e), bytes_down=down, bytes_up=up, sha256=sha)
+            norm = update_norm(update)
+        except Exception as e:
+            return self.reject(SiteReply(site, node, "ok", bytes_down=down, bytes_up=up, sha256=sha), _reason(e))
         self.store.upsert_site(site, node_id=node)
-        return SiteReply(site, node, "ok", metrics, bytes_down=down, bytes_up=up, update=update, sha256=sha)
+        return SiteReply(site, node, "ok", metrics, bytes_down=down, bytes_up=up, update=update, sha256=sha, norm=norm)
+
+    def identify(self, node: int, reply: Message | None) -> Identity:
+        """The site a reply comes from, by the node its message was sent to: Flower stores a reply only from that
+        node (the SuperLink checks the reply's source against the message's destination), and with node
+        authentication only the holder of that node's registered key acts as it (`fedecho.server.identity`)."""
+        claimed, problem = _claimed_name(reply) if reply is not None else ("", "")
+        who = self.site_names.identify(node, claimed)
+        return Identity(who.name, who.problem or problem)
+
+    def reject(self, r: SiteReply, reason: str, kind: str = "train") -> SiteReply:
+        """Mark a reply rejected (nothing of it is aggregated or averaged) and log an update-rejected event."""
+        r.status, r.reason, r.update, r.metrics = "rejected", reason, None, {}
+        self.store.add_event(
+            self.run_id, "update-rejected", reason if kind == "train" else f"{kind} reply: {reason}", site=r.site
+        )
+        return r
+
+    def check_norms(self, results: list[SiteReply]) -> None:
+        """Reject an update whose norm exceeds [run].norm_factor x the lower median of this round's valid
+        updates' norms (`fedecho.fl.exchange.adaptive_norm_bound` says why the lower median, and its limit)."""
+        ok = [r for r in results if r.status == "ok"]
+        factor = self.cfg.run.norm_factor
+        bound = adaptive_norm_bound([r.norm for r in ok], factor)
+        if bound is None:
+            return
+        for r in ok:
+            if r.norm > bound:
+                self.reject(
+                    r, f"update norm {r.norm:.4g} exceeds {factor:g} x the round's reference norm {bound / factor:.4g}"
+                )
+
+    def one_reply_per_site(self, results: list[SiteReply], kind: str = "train") -> None:
+        """Two replies of one round under one site name (possible only where names come from the replies): which
+        one is the site's is unknown, so each is recorded under its node (`node-<id>`) and rejected."""
+        nodes: dict[str, list[SiteReply]] = {}
+        for r in results:
+            nodes.setdefault(r.site, []).append(r)
+        for name, group in nodes.items():
+            if len(group) < 2:
+                continue
+            ids = ", ".join(str(r.node_id) for r in group)
+            for r in group:
+                r.site = f"node-{r.node_id}"
+                if r.status == "ok":
+                    self.reject(r, f"nodes {ids} all reply as site {name!r}", kind)
 
     def _record_site(self, phase: str, server_round: int, kind: str, r: SiteReply) -> None:
         self.store.add_site_result(
             self.run_id, phase, server_round, r.site, kind, status=r.status, metrics=r.metrics,
-            num_examples=int(r.metrics.get("num-examples", 0)), bytes_down=r.bytes_down, bytes_up=r.bytes_up,
+            num_examples=_count(r.metrics.get("num-examples", 0)), bytes_down=r.bytes_down, bytes_up=r.bytes_up,
             reason=r.reason,
         )  # fmt: skip
         self.store.add_audit(
@@ -408,31 +507,49 @@ class FederatedRun:
         seed_sampling(round_seed(self.cfg.run.seed, phase, server_round, "evaluate"))
         planned = list(strategy.configure_evaluate(server_round, out.fp32, ConfigRecord(dict(train_config)), grid))
         messages = self.address(planned, out, MessageType.EVALUATE)
+        results = [self.check_evaluate_reply(msg, reply) for msg, reply in self.exchange(grid, messages)]
+        self.one_reply_per_site(results, "evaluate")
         totals: dict[str, float] = {}
         weight = 0.0
-        for msg, reply in self.exchange(grid, messages):
-            node = msg.metadata.dst_node_id
-            down_bytes = msg.content["arrays"].count_bytes()
-            if reply is None or reply.has_error():
-                reason = "no reply before the deadline" if reply is None else str(reply.error.reason)
-                site = self.names.get(node, f"node-{node}") if reply is None else _site_name(reply, self.names)
-                self._record_site(phase, server_round, "evaluate", SiteReply(site, node, "failed", reason=reason,
-                                                                              bytes_down=down_bytes))  # fmt: skip
+        for r in results:
+            self._record_site(phase, server_round, "evaluate", r)
+            if r.status != "ok":
                 continue
-            site = _site_name(reply, self.names)
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items() if isinstance(v, int | float)}
-            self._record_site(
-                phase, server_round, "evaluate", SiteReply(site, node, "ok", metrics, bytes_down=down_bytes)
-            )
-            n = metrics.get("num-examples", 0.0)
             if out.frozen_digest:
-                self.holding_frozen.add(node)
+                self.holding_frozen.add(r.node_id)
+            n = r.metrics["num-examples"]
             if n > 0:
                 weight += n
-                for k, v in metrics.items():
-                    if k != "num-examples" and np.isfinite(v):
+                for k, v in r.metrics.items():
+                    if k != "num-examples" and math.isfinite(v):
                         totals[k] = totals.get(k, 0.0) + n * v
-        return {k: v / weight for k, v in totals.items()} if weight else {}
+        means = {k: v / weight for k, v in totals.items()} if weight else {}
+        return {k: v for k, v in means.items() if math.isfinite(v)}  # finite metrics can still overflow a sum
+
+    def check_evaluate_reply(self, msg: Message, reply: Message | None) -> SiteReply:
+        """A site's evaluation reply: ok, failed, or rejected (a bad count or metric, a borrowed name, anything
+        malformed) and then left out of the weighted means. A count of 0 is allowed (no validation videos), and
+        so is a NaN score (undefined at that site, e.g. R2 of one video), which the means leave out."""
+        node = msg.metadata.dst_node_id
+        down = msg.content["arrays"].count_bytes()
+        if reply is None:
+            name = self.identify(node, None).name
+            return SiteReply(name, node, "failed", reason="no reply before the deadline", bytes_down=down)
+        site = f"node-{node}"
+        try:
+            who = self.identify(node, reply)
+            site = who.name
+            if reply.has_error():
+                return SiteReply(site, node, "failed", reason=str(reply.error.reason), bytes_down=down)
+            if who.problem:
+                raise UpdateError(who.problem)
+            if "metrics" not in reply.content:
+                raise UpdateError("the reply lacks its metrics")
+            metrics = reply_metrics(reply.content["metrics"], undefined=True)  # NaN: a score undefined at the site
+            claimed_examples(metrics, self.settings.examples_cap(site), minimum=0)
+        except Exception as e:
+            return self.reject(SiteReply(site, node, "ok", bytes_down=down), _reason(e), "evaluate")
+        return SiteReply(site, node, "ok", metrics, bytes_down=down)
 
     # ------------------------------------------------------- server's own set
     def server_evaluate(self, phase: str, model: EchoVisionFM) -> dict[str, float]:

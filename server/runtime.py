@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--secret-file", required=True, type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "alembic"):  # a line per request, per plugin: not what an operator reads
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "executor":
         with contextlib.suppress(KeyboardInterrupt):
             executor(args.runtime_api_address, args.secret_file, args.root_certificates, args.server_config,

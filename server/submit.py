@@ -10,6 +10,7 @@ ServerApp needs. Each submission keeps its folder under <state>/submissions/ as 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import tomli_w
 import fedecho
 from fedecho._proc import flower_bin, flower_env
 from fedecho._toml import read_toml
-from fedecho.server.config import CONNECTION, ServerConfig
+from fedecho.server.config import CONNECTION, DEFAULT_MAX_EXAMPLES, ServerConfig
 
 SERVERAPP = "fedecho.server.app:app"
 CLIENTAPP = "fedecho.client.app:app"
@@ -53,6 +54,12 @@ def app_config(cfg: ServerConfig, run_toml_text: str, resume: int = 0) -> dict[s
     }
     if cfg.trace_messages:  # only when on: an untraced submission's config is unchanged
         config["fedecho-trace-messages"] = True
+    # The examples caps travel only when they differ from the defaults, for the same reason. Flower's run config
+    # holds flat values, so the per-site table travels as JSON text.
+    if cfg.max_examples != DEFAULT_MAX_EXAMPLES:
+        config["fedecho-max-examples"] = int(cfg.max_examples)
+    if cfg.max_examples_per_site:
+        config["fedecho-max-examples-per-site"] = json.dumps(dict(sorted(cfg.max_examples_per_site.items())))
     return config
 
 

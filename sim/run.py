@@ -7,6 +7,11 @@ Where the sites' data comes from:
   by patient where the source knows patients (`fedecho.train.run.partition_of`).
 Nothing is installed or downloaded, Ray's dashboard and usage stats are off, and Ray is shut down
 before `simulate` returns, so no background process outlives it.
+
+The server checks every reply as in a deployment, with two differences. Sites are named by their replies
+(`fedecho.server.identity.SiteNames`): the virtual sites are the researcher's own processes, and Flower draws
+their node ids inside the simulation, where no registry can name them. Each virtual site may claim at most
+as many examples as its folder holds videos (`example_caps`), the coordinator's default where it cannot tell.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from flwr.app import Context
 from fedecho.client.app import build_client_app
 from fedecho.client.local import Site
 from fedecho.client.policy import SitePolicy
-from fedecho.data.source import detect_source
+from fedecho.data.source import detect_source, open_source
 from fedecho.fl.config import FedRunConfig
 from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy
 from fedecho.server.app import build_server_app
+from fedecho.server.identity import SiteNames
 from fedecho.server.rounds import ServerSettings
 from fedecho.storage.store import store_url
 
@@ -74,6 +80,23 @@ def site_layout(data: Path, sites: int | None) -> tuple[list[str], list[Path], b
     return [f"site{k + 1:02d}" for k in range(n)], [data] * n, True
 
 
+def example_caps(cfg: FedRunConfig, names: list[str], folders: list[Path]) -> dict[str, int]:
+    """Each virtual site's cap on claimed examples: the videos its folder holds (a partition holds fewer), found
+    by the scan its training does too; a folder that cannot be scanned gets the default cap."""
+    options = {"labels": cfg.local.data.labels} if cfg.local.data.labels else {}
+    counts: dict[Path, int] = {}
+    caps: dict[str, int] = {}
+    for name, folder in zip(names, folders, strict=True):
+        if folder not in counts:
+            try:
+                counts[folder] = len(open_source(folder, cfg.local.data.source, **options).scan().records)
+            except Exception:  # the site's own training reports what is wrong with its data
+                counts[folder] = 0
+        if counts[folder] > 0:
+            caps[name] = counts[folder]
+    return caps
+
+
 def simulate(
     cfg: FedRunConfig,
     data: Path,
@@ -107,6 +130,8 @@ def simulate(
         eval_cache=state / "cache",
         mode="simulation",
         poll_interval=0.1,
+        site_names=SiteNames(),
+        max_examples_per_site=example_caps(cfg, names, folders),
     )
     outcome: dict[str, Any] = {}
 

@@ -1,6 +1,10 @@
 """Code approval with real SuperLink/SuperNode processes: the default fedecho bundle runs without approval; a
 bundle carrying its own code is refused at both sites without that code ever being imported, recorded in
-both audit logs and the server store; after `fedecho client approve` one site runs it, the other still refuses."""
+both audit logs and the server store; after `fedecho client approve` one site runs it, the other still refuses.
+
+fedecho's coordinator refuses such a bundle itself before any site sees it; the sites' approval is what holds
+against a coordinator that does not (someone who controls the SuperLink), so the test replaces the
+coordinator's ServerApp runner with Flower's stock SuperExec, which runs whatever reaches the SuperLink."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from deploy_helpers import make_deployment
 from typer.testing import CliRunner
 
 from builders import tiny_run
+from fedecho._proc import flower_bin, flower_env, spawn, stop
 from fedecho.cli import app as cli
 from fedecho.client.approval import app_dir_bundle
 from fedecho.client.audit import SiteLog
@@ -44,6 +49,16 @@ def test_sites_run_only_approved_bundles(federated_phantom: Path, tmp_path: Path
         # 1. the code-less fedecho bundle for the installed version: no approval needed
         sub = submit_run(dep.server, run_toml, echo=lines.append)
         assert sub.returncode == 0 and sub.status == "finished:completed", "\n".join(lines)
+
+        # a compromised coordinator from here on: Flower's own SuperExec takes the ServerApp tasks
+        cfg, coordinator = dep.server, dep.coordinator
+        assert coordinator is not None
+        stop(coordinator.procs["runner"], grace=10)
+        coordinator.procs["runner"] = spawn(
+            [flower_bin("flower-superexec"), "--runtime-api-address", cfg.control, "--root-certificates",
+             str(cfg.ca_cert), "--superexec-auth-secret-file", str(cfg.runtime_secret)],
+            flower_env(cfg.flwr_home), cfg.logs / "stock-superexec.log",
+        )  # fmt: skip
 
         # 2. a bundle with code of its own: refused at both sites, its module never imported
         marker = tmp_path / "imported.txt"

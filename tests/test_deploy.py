@@ -190,6 +190,8 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
         ('[server]\nlisten = "h:1"\n', "missing the required field 'address'"),
         ('[server]\naddress = "h:99999"\n', "[server].address bad port"),
         ("[sever]\n", "unknown table(s) sever"),
+        ('[server]\naddress = "h:1"\ncontrol = "10.0.0.5:9193"\n', "[server].control must be a loopback address"),
+        ('[server]\naddress = "h:1"\nlisten = "0.0.0.0:9093"\ncontrol = "127.0.0.1:9093"\n', "is the public front's"),
     ]:
         config.write_text(body)
         with pytest.raises(ConfigFileError) as e:
@@ -215,7 +217,7 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args", [["server"], ["server", "start"], ["server", "run"], ["server", "resume"], ["server", "status"],
-             ["client"], ["client", "start"]],
+             ["server", "register"], ["server", "unregister"], ["client"], ["client", "start"]],
 )  # fmt: skip
 def test_help(args: list[str]) -> None:
     assert runner.invoke(app, [*args, "--help"]).exit_code == 0

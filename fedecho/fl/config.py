@@ -35,6 +35,9 @@ class RunSection:
     min_sites: int = 0  # replies needed for a round to count (0: the server's setting)
     round_timeout: float = 0.0  # seconds to wait for replies (0: the server's setting)
     max_update_norm: float = 0.0  # reject an update whose L2 norm exceeds this (0: no bound)
+    # reject an update whose L2 norm exceeds norm_factor x the lower median of the round's update norms (0: off;
+    # fedecho.fl.exchange.adaptive_norm_bound says why the lower median)
+    norm_factor: float = 10.0
     keep_checkpoints: int = 3  # newest round checkpoints the server keeps per phase (0: every round's)
 
 
@@ -98,6 +101,9 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
         raise ConfigError(f"{where}: [run].wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not {run.wire_dtype!r}")
     if not 0 < run.fraction <= 1:
         raise ConfigError(f"{where}: [run].fraction must be in (0, 1], not {run.fraction}")
+    for key in ("max_update_norm", "norm_factor"):
+        if not getattr(run, key) >= 0:  # also NaN
+            raise ConfigError(f"{where}: [run].{key} must be >= 0 (0: off), not {getattr(run, key)}")
     if run.keep_checkpoints < 0:
         raise ConfigError(f"{where}: [run].keep_checkpoints must be >= 0 (0: keep all), not {run.keep_checkpoints}")
     strategy = raw.get("strategy", {"name": "fedavg"})

@@ -14,13 +14,18 @@
   (unbiased) from a seed the site derives from the round's seed, so a resumed run replays bit for bit.
 - Every incoming update is checked (names, shapes, dtype -- for int8 also its scales' presence,
   shape and finiteness --, finite values, optional norm bound) before anything aggregates it; a bad
-  one raises UpdateError naming the tensor.
+  one raises UpdateError naming the tensor. The server then compares the round's update norms
+  (`adaptive_norm_bound`) and checks each reply's metrics and claimed example count
+  (`reply_metrics`, `claimed_examples`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,6 +194,59 @@ def decode(
 
 def update_norm(update: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.values())))  # type: ignore[arg-type]
+
+
+def adaptive_norm_bound(norms: Iterable[float], factor: float) -> float | None:
+    """`factor` x the lower median of this round's non-zero update norms; None when off (factor 0) or when no
+    update moved anything.
+
+    The lower median (sorted norms[(n - 1) // 2]) rather than the mean or the plain median: with two sites the
+    plain median averages both norms, so one update scaled by 1e6 would raise its own bound far enough to pass;
+    the lower median is the smaller of the two, which one inflated update cannot move. With n sites, fewer than
+    half of them inflating their updates cannot raise the reference. Exactly-zero norms (a site whose update moves
+    nothing) are left out, or they would make every other update fail; one update alone is its own reference.
+    Known limit: a site that sends a tiny non-zero update lowers the reference, and with two sites can then get
+    the honest site's update rejected (a denial of service, not a corruption of the global model).
+    """
+    if factor <= 0:
+        return None
+    ordered = sorted(n for n in norms if n > 0)
+    if not ordered:
+        return None
+    return factor * ordered[(len(ordered) - 1) // 2]
+
+
+def reply_metrics(record: Mapping[str, Any], undefined: bool = False) -> dict[str, float]:
+    """A reply's metrics as floats; a value that is not a finite number (NaN, infinite, a list, text) raises
+    UpdateError naming the metric: such a value would reach the strategy's weighted means and the store.
+
+    undefined: NaN is allowed (not for num-examples), as an evaluation's way of saying a score is undefined
+    (fedecho's R2 of a single video, AUROC of one class); the caller leaves it out of its means."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UpdateError(f"metric {key!r} is not a number: {value!r:.60}")
+        number = float(value)
+        if not math.isfinite(number) and not (undefined and math.isnan(number) and key != "num-examples"):
+            raise UpdateError(f"metric {key!r} is not finite: {number}")
+        out[str(key)] = number
+    return out
+
+
+def claimed_examples(metrics: Mapping[str, float], cap: int, minimum: int = 1) -> int:
+    """The reply's `num-examples`, checked: a whole number from `minimum` to `cap` (what the coordinator lets
+    this site claim). FedAvg weights each update by this count, so one site claiming 10^9 examples would make
+    the global model its own update."""
+    if "num-examples" not in metrics:
+        raise UpdateError("the reply does not report num-examples")
+    value = metrics["num-examples"]
+    if not math.isfinite(value) or not float(value).is_integer():
+        raise UpdateError(f"num-examples {value} is not a whole number")
+    if value < minimum:
+        raise UpdateError(f"num-examples {value:.0f} is below {minimum}")
+    if value > cap:
+        raise UpdateError(f"num-examples {value:.0f} exceeds what this site may claim ({cap})")
+    return int(value)
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:

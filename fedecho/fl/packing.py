@@ -107,6 +107,8 @@ def pack_in_place(msg: Message, key: str = "arrays") -> Message:
 def unpack_message(msg: Message, key: str = "arrays") -> Message:
     """msg with its `key` record unpacked in place; a malformed packed record is left for the caller's check."""
     if msg.has_content() and key in msg.content:
-        with contextlib.suppress(ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+        # anything wrong (not an ArrayRecord, a malformed index, JSON nested too deep) leaves the record as it came:
+        # the server's checks reject such a reply, which must not stop the pull of the others
+        with contextlib.suppress(Exception):
             msg.content[key] = unpack(msg.content[key])
     return msg
