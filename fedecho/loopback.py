@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,19 @@ class Deployment:
                 self.coordinator.stop()
             for proc in self.coordinator.procs.values():
                 kill_group(proc)
+
+
+@contextlib.contextmanager
+def running(root: Path, sites: dict[str, Path], **server_kwargs: object) -> Iterator[Deployment]:
+    """A started deployment with these sites (name -> data folder), closed on exit whatever happens."""
+    dep = make_deployment(root, **server_kwargs)
+    try:
+        for name, data in sites.items():
+            dep.add_site(name, data)
+        dep.start_all()
+        yield dep
+    finally:
+        dep.close()
 
 
 def make_deployment(root: Path, **server_kwargs: object) -> Deployment:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deploy_helpers import Deployment, kill_group, make_deployment
+from deploy_helpers import Deployment, kill_group, running
 
 from builders import tiny_run
 from fedecho.server.submit import submit_run
@@ -36,14 +36,9 @@ def _clientapps_in_group(pgid: int) -> list[int]:
 
 @pytest.fixture()
 def federation(federated_phantom: Path, tmp_path: Path) -> Iterator[Deployment]:
-    dep = make_deployment(tmp_path / "fed", round_timeout=60.0, min_sites=1)
-    try:
-        for name in ("site01", "site02"):
-            dep.add_site(name, federated_phantom / name)
-        dep.start_all()
+    sites = {name: federated_phantom / name for name in ("site01", "site02")}
+    with running(tmp_path / "fed", sites, round_timeout=60.0, min_sites=1) as dep:
         yield dep
-    finally:
-        dep.close()
 
 
 def test_deployed_federation_survives_a_site_dying_mid_round(federation: Deployment, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Deployment, free_port, kill_group, make_deployment, write_server_toml
+from deploy_helpers import Deployment, free_port, kill_group, running, write_server_toml
 from typer.testing import CliRunner
 
 from builders import tiny_run
@@ -115,14 +115,9 @@ def _get(url: str, ca: Path, method: str = "GET") -> int:
 
 @pytest.fixture(scope="module")
 def federation(federated_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    dep = make_deployment(tmp_path_factory.mktemp("front"), round_timeout=120.0, min_sites=2)
-    try:
-        for name in ("site01", "site02"):
-            dep.add_site(name, federated_phantom / name)
-        dep.start_all()
+    sites = {name: federated_phantom / name for name in ("site01", "site02")}
+    with running(tmp_path_factory.mktemp("front"), sites, round_timeout=120.0, min_sites=2) as dep:
         yield dep
-    finally:
-        dep.close()
 
 
 def test_the_network_sees_the_fleet_api_only(federation: Deployment, tmp_path: Path) -> None:
