@@ -120,8 +120,9 @@ def render_conf(cfg: ServerConfig, insecure: bool = False) -> str:
             "            proxy_ssl_session_reuse on;\n"
         )
     )
+    # The SuperLink gets the path nginx matched (normalised: no dot segments, no encoded slashes), never the
+    # request's raw one, so the allow-list and Flower's router cannot read one request two ways.
     proxy = (
-        f"            proxy_pass {upstream_scheme}://superlink;\n"
         "            proxy_http_version 1.1;\n"
         '            proxy_set_header Connection "";\n'
         "            proxy_set_header Host $host;\n"
@@ -159,10 +160,12 @@ def render_conf(cfg: ServerConfig, insecure: bool = False) -> str:
         f"        access_log {refused_log(cfg).resolve()} fedecho_refused if=$fedecho_refused;\n"
         "        location = /health {\n"
         "            if ($request_method != GET) { set $fedecho_refused 1; return 403; }\n"
+        f"            proxy_pass {upstream_scheme}://superlink/health;\n"
         f"{proxy}"
         "        }\n"
-        f"        location ~ ^/v1/fleet/({'|'.join(routes)})$ {{\n"
+        f"        location ~ ^/v1/fleet/(?<fleet_route>{'|'.join(routes)})$ {{\n"
         "            if ($request_method != POST) { set $fedecho_refused 1; return 403; }\n"
+        f"            proxy_pass {upstream_scheme}://superlink/v1/fleet/$fleet_route;\n"
         f"{proxy}"
         "        }\n"
         "        location / {\n"
@@ -299,8 +302,18 @@ def sync_refusals(cfg: ServerConfig) -> int:
                 reason = "not a Fleet route a registered SuperNode uses, or not its method"
             else:
                 reason = f"the {kind} API is not served to the network"
-            store.add_access(r.source, kind, f"{r.method} {r.path}", "refused", f"{reason} (at {r.time})")
+            store.add_access(r.source, kind, f"{r.method} {r.path}", "refused", reason, created=_epoch(r.time))
     return len(refusals)
+
+
+def _epoch(iso: str) -> float | None:
+    """nginx's $time_iso8601 as seconds since the epoch (None when unreadable: the store then takes now)."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
 
 
 def watch_refusals(cfg: ServerConfig, interval: float = 1.0) -> None:

@@ -155,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         if name == "executor":
             p.add_argument("--secret-file", required=True, type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "alembic"):  # a line per request, per plugin: not what an operator reads
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "executor":
+    if args.command == "executor":  # a ServerApp task logs as under Flower's own runner (its output is the run's log)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("httpx", "alembic"):  # a line per request, per plugin: not what an operator reads
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         with contextlib.suppress(KeyboardInterrupt):
             executor(args.runtime_api_address, args.secret_file, args.root_certificates, args.server_config,
                      args.parent_pid)  # fmt: skip

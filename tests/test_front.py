@@ -129,6 +129,12 @@ def test_the_network_sees_the_fleet_api_only(federation: Deployment, tmp_path: P
         assert _get(f"{front}{path}", cfg.ca_cert, "POST") == 403, path
     assert _get(f"{front}/v1/fleet/register-node", cfg.ca_cert, "POST") == 403  # a site joins only if registered
     assert _get(f"{front}/v1/fleet/pull-messages", cfg.ca_cert, "GET") == 403  # the wrong method
+    # a path read one way by the allow-list and another by Flower's router: nginx matches the normalised path
+    # and passes on only that, so these are refused, or reach the Fleet route they normalise to
+    for path in ("/v1/fleet/pull-messages/../../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+                 "/v1/fleet/pull-messages%2f..%2f..%2fcontrol%2flist-runs", "//v1/control/list-runs"):  # fmt: skip
+        assert _get(f"{front}{path}", cfg.ca_cert, "POST") == 403, path
+    assert _get(f"{front}/v1/control/../fleet/get-run", cfg.ca_cert, "POST") not in (200, 403)  # Flower: bad request
     # the SuperLink itself does not listen on the coordinator's network address, on its own port or any other
     with (
         pytest.raises(ConnectionRefusedError),
