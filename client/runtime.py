@@ -151,6 +151,7 @@ def _spare_runner(address: str) -> subprocess.Popen[bytes]:
 def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float = 0.2) -> None:
     """Take ClientApp tasks from the SuperNode's Runtime API (`fedecho.fl.superexec`) and hand each to a spare
     runner started ahead (then start the next spare), until the parent dies."""
+    from fedecho.fl.superexec import hand_token
     from fedecho.fl.superexec import serve as serve_tasks
 
     check_flower()
@@ -159,10 +160,7 @@ def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float =
     def launch(token: str) -> None:
         if spare[0].poll() is not None:  # the spare died (e.g. killed): start a fresh one for this task
             spare[0] = _spare_runner(address)
-        stdin = spare[0].stdin
-        assert stdin is not None
-        stdin.write(token.encode() + b"\n")
-        stdin.close()
+        hand_token(spare[0], token)
         spare[0] = _spare_runner(address)
 
     try:

@@ -60,11 +60,12 @@ def judge_bundle(fab: bytes) -> tuple[bool, str, str]:
 def record_refusal(server_config: Path, sha: str, reason: str) -> None:
     """Append the refusal to the server's access audit log (the store the server config names)."""
     from fedecho.server.config import load_server_config
+    from fedecho.server.superlink import COORDINATOR
     from fedecho.storage.store import Store, store_url
 
     cfg = load_server_config(server_config)
     with Store(store_url(cfg.state, cfg.store)) as store:
-        store.add_access("coordinator (loopback)", "bundle", f"app bundle {sha or '(unreadable)'}", "refused", reason)
+        store.add_access(COORDINATOR, "bundle", f"app bundle {sha or '(unreadable)'}", "refused", reason)
 
 
 class _QuietRefusal(logging.Filter):
@@ -124,7 +125,7 @@ def executor(
     copy the public front's refusals into the server's access audit log."""
     import threading
 
-    from fedecho.fl.superexec import serve
+    from fedecho.fl.superexec import hand_token, serve
     from fedecho.server.config import load_server_config
     from fedecho.server.front import watch_refusals
 
@@ -135,9 +136,7 @@ def executor(
     def launch(token: str) -> None:
         children[:] = [c for c in children if c.poll() is None]
         child = subprocess.Popen(runner_argv(address, root_certificates, server), stdin=subprocess.PIPE)
-        assert child.stdin is not None
-        child.stdin.write(token.encode() + b"\n")
-        child.stdin.close()
+        hand_token(child, token)
         children.append(child)
 
     serve(address, secret_file, "flwr-serverapp", launch, parent_pid=parent_pid, root_certificates=root_certificates)

@@ -166,6 +166,10 @@ def read_registry(cfg: ServerConfig) -> dict[str, dict[str, str]]:
     return data if isinstance(data, dict) else {}
 
 
+def _write_registry(cfg: ServerConfig, registry: dict[str, dict[str, str]]) -> None:
+    atomic_write_bytes(_registry_path(cfg), (json.dumps(registry, indent=2) + "\n").encode())
+
+
 def site_public_keys(cfg: ServerConfig) -> list[Path]:
     """The sites' public keys: every *.pub in the keys folder (site name = file stem)."""
     return sorted(cfg.keys.glob("*.pub")) if cfg.keys.is_dir() else []
@@ -194,7 +198,7 @@ def register_sites(cfg: ServerConfig) -> list[SiteRegistration]:
             status = "already registered"
         registry[name] = {"node_id": node_id or registry.get(name, {}).get("node_id", ""), "public_key": text}
         results.append(SiteRegistration(name, pub, node_id, status))
-    atomic_write_bytes(_registry_path(cfg), (json.dumps(registry, indent=2) + "\n").encode())
+    _write_registry(cfg, registry)
     for r in results:
         if r.status == "registered":
             _audit_registration(cfg, r.name, f"registered as node {r.node_id}")
@@ -231,7 +235,7 @@ def unregister_site(cfg: ServerConfig, name: str) -> str:
         removed.mkdir(exist_ok=True)
         pub.replace(removed / pub.name)
     registry.pop(name, None)
-    atomic_write_bytes(_registry_path(cfg), (json.dumps(registry, indent=2) + "\n").encode())
+    _write_registry(cfg, registry)
     _audit_registration(cfg, name, f"removed (node {node_id or '?'}); its key moved to {cfg.keys / 'removed'}")
     return node_id
 

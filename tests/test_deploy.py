@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Deployment, free_port, kill_group, make_deployment, write_server_toml
+from deploy_helpers import Deployment, free_port, kill_group, make_deployment, marker_app, write_server_toml
 from typer.testing import CliRunner
 
 from fedecho._toml import ConfigFileError
@@ -30,24 +30,6 @@ from fedecho.storage.store import store_url
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
-TOY_APP = '''
-"""Components that are not fedecho's, importable on the coordinator: the coordinator must never run them."""
-import os
-from pathlib import Path
-
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-
-server = ServerApp()
-client = ClientApp()
-
-
-@server.main()
-def main(grid: Grid, context: Context) -> None:
-    Path(os.environ["FEDECHO_TOY_MARKER"]).write_text("the toy ServerApp ran")
-'''
-
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
@@ -55,7 +37,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     root = tmp_path_factory.mktemp("deploy")
     toy = root / "toy"
     toy.mkdir()
-    (toy / "deploy_toy.py").write_text(TOY_APP)
+    (toy / "deploy_toy.py").write_text(marker_app(root / "toy-ran"))  # importable on the coordinator
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(toy), old) if p)  # the toy app, for Flower's children
     dep = make_deployment(root, min_sites=1)
@@ -106,15 +88,11 @@ def test_coordinator_runs_only_the_code_less_fedecho_bundle(deployment: Deployme
     of it is installed or imported, although it came from the coordinator's own `fedecho server run` path."""
     run_toml = tmp_path / "toy.toml"
     run_toml.write_text('[run]\nname = "toy"\n')
-    marker = tmp_path / "toy-ran"
-    os.environ["FEDECHO_TOY_MARKER"] = str(marker)
+    marker = deployment.root / "toy-ran"
     lines: list[str] = []
-    try:
-        sub = submit_run(
-            deployment.server, run_toml, echo=lines.append, serverapp="deploy_toy:server", clientapp="deploy_toy:client"
-        )
-    finally:
-        del os.environ["FEDECHO_TOY_MARKER"]
+    sub = submit_run(
+        deployment.server, run_toml, echo=lines.append, serverapp="deploy_toy:server", clientapp="deploy_toy:client"
+    )
     out = "\n".join(lines)
     assert sorted(p.name for p in sub.app_dir.iterdir()) == ["README.md", "pyproject.toml"]  # config, no code
     assert sub.flower_run_id and sub.status == "finished:failed" and sub.returncode != 0, out

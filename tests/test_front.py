@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Deployment, free_port, kill_group, running, write_server_toml
+from deploy_helpers import Deployment, free_port, kill_group, marker_app, running, write_server_toml
 from typer.testing import CliRunner
 
 from builders import tiny_run
@@ -37,29 +37,12 @@ from fedecho.storage.store import store_url
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
-CODE_APP = '''
-"""An app bundle that carries code: its ServerApp writes a file wherever it runs."""
-from pathlib import Path
-
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-
-server = ServerApp()
-client = ClientApp()
-
-
-@server.main()
-def main(grid: Grid, context: Context) -> None:
-    Path({marker!r}).write_text("code from the bundle ran on the coordinator")
-'''
-
 
 def code_app(root: Path, marker: Path) -> Path:
     """A Flower app folder with a module of its own (what `flwr new` would give an attacker)."""
     folder = root / "code-app"
     folder.mkdir(parents=True)
-    (folder / "outsider_app.py").write_text(CODE_APP.format(marker=str(marker)))
+    (folder / "outsider_app.py").write_text(marker_app(marker))
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
         '[project]\nname = "outsider-app"\nversion = "1.0.0"\ndependencies = []\n'

@@ -11,12 +11,20 @@ before any of it is installed or imported.
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("fedecho.superexec")
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+
+
+def hand_token(runner: subprocess.Popen[bytes], token: str) -> None:
+    """Give a runner started with stdin=PIPE its task token on stdin (argv is readable by every local user)."""
+    assert runner.stdin is not None
+    runner.stdin.write(token.encode() + b"\n")
+    runner.stdin.close()
 
 
 def serve(
