@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml constraints.txt
 # (demo-output/state) and ends with a results table, an HTML report and a prediction.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 90 --sites 3 --seed 0
+	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 240 --sites 3 --seed 20
 	$(BIN)/fedecho sim --config configs/quickstart.toml --data $(DEMO_DIR)/phantom --state $(DEMO_DIR)/state
 	$(BIN)/fedecho report 1 --state $(DEMO_DIR)/state --out $(DEMO_DIR)/report
 	$(BIN)/fedecho predict $$(ls $(DEMO_DIR)/phantom/site01/Videos/*.avi | head -n 1) \

@@ -32,6 +32,7 @@ import torch
 from _table import table_row
 from rich.console import Console
 
+from fedecho.client.policy import SMALL_PHANTOM_POLICY
 from fedecho.fl.config import load_fed_run_config
 from fedecho.models import load_checkpoint
 from fedecho.sim.compare import compare_runs, score
@@ -70,7 +71,7 @@ def federate(cfg_path: Path, data: Path, state: Path, console: Console) -> tuple
     """One simulated federation; returns (run id, seconds)."""
     cfg = load_fed_run_config(cfg_path)
     t0 = time.time()
-    run_id = simulate(cfg, data, state)
+    run_id = simulate(cfg, data, state, default_policy=SMALL_PHANTOM_POLICY)
     console.print(f"{cfg_path.stem}: run {run_id} in {time.time() - t0:.0f} s")
     return run_id, time.time() - t0
 

@@ -197,13 +197,14 @@ def round_costs(state: Path, run_id: int) -> list[dict[str, Any]]:
 # -------------------------------------------------------------------------------------- accuracy in simulation
 def simulated_arm(data: Path, state: Path, text: str) -> dict[str, float]:
     """One simulation to its end: pre-training val loss and fine-tuning EF MAE after the last round."""
+    from fedecho.client.policy import SMALL_PHANTOM_POLICY
     from fedecho.fl.config import parse_run_config
     from fedecho.sim.run import simulate
     from fedecho.storage import Store
     from fedecho.storage.store import store_url
 
     t0 = time.time()
-    run_id = simulate(parse_run_config(text), data, state)
+    run_id = simulate(parse_run_config(text), data, state, default_policy=SMALL_PHANTOM_POLICY)
     with Store(store_url(state)) as store:
         last = {r.phase: r for r in store.rounds(run_id)}
     return {

@@ -114,6 +114,7 @@ class PeakMemory:
 
 def one_size(data: Path, state: Path, sites: int, rounds: int, cpus_per_site: float) -> dict[str, Any]:
     """A whole simulation with `sites` sites; time per round from the store, peak memory of the tree."""
+    from fedecho.client.policy import SMALL_PHANTOM_POLICY
     from fedecho.fl.config import parse_run_config
     from fedecho.sim.run import simulate
     from fedecho.storage import Store
@@ -122,7 +123,9 @@ def one_size(data: Path, state: Path, sites: int, rounds: int, cpus_per_site: fl
     cfg = parse_run_config(RUN_TOML.format(sites=sites, rounds=rounds))
     t0 = time.time()
     with PeakMemory() as mem:
-        run_id = simulate(cfg, data, state, sites=sites, cpus_per_site=cpus_per_site)
+        run_id = simulate(
+            cfg, data, state, sites=sites, cpus_per_site=cpus_per_site, default_policy=SMALL_PHANTOM_POLICY
+        )
     seconds = time.time() - t0
     with Store(store_url(state)) as store:
         rows = sorted(store.rounds(run_id), key=lambda r: r.round)

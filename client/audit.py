@@ -7,6 +7,8 @@ shell can still drop the triggers: the log proves what fedecho did, not what an 
 Each row: the run (Flower's id and fedecho's), round, phase, message type, the decision (allowed, refused,
 failed) and why, the code bundle's hash, the data manifest's hash, epsilon spent, and the sha256 of the
 update sent back (the same digest the server records for the reply, so the two logs can be joined).
+When the site starts (`audit_start`), a row of message type "start" and decision "started" holds the settings
+then in force (`fedecho.client.config.settings_in_force`), so an auditor sees what every later row was under.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from fedecho.storage.site_store import DB_NAME as SITE_DB
 from fedecho.storage.site_store import SiteBase, SiteStore
 from fedecho.storage.store import UInt64, append_only
 
-DECISIONS = ("allowed", "refused", "failed")
+DECISIONS = ("allowed", "refused", "failed", "started")  # "started": the site's settings when it started
+START = "start"  # the message type of a start row
 
 
 class _SiteAudit(SiteBase):
@@ -122,6 +125,11 @@ class SiteLog:
                 )
             )  # fmt: skip
 
+    def record_start(self, settings: list[str], manifest_sha256: str | None = None) -> None:
+        """Append the row of a site start: the settings in force (one line each, as `settings_in_force` states
+        them) and the data manifest's hash at that moment."""
+        self.record(message_type=START, decision="started", reason="\n".join(settings), manifest_sha256=manifest_sha256)
+
     def rows(self, run_id: int | None = None, limit: int | None = None) -> list[SiteAuditRow]:
         """Rows oldest first (the newest `limit` of them); run_id matches fedecho's or Flower's run id."""
         q = select(_SiteAudit)
@@ -204,6 +212,13 @@ def audit_message(
         )  # fmt: skip
 
 
+def audit_start(cfg: Any, settings: list[str]) -> None:
+    """Write the site's start row (cfg: client.config.SiteConfig; settings: `settings_in_force(cfg)`) to its
+    audit log, with the manifest of its data as it stands."""
+    with SiteLog(cfg.state) as site_log:
+        site_log.record_start(settings, manifest_sha256(cfg.data, cfg.labels or ""))
+
+
 BUNDLE_ENV = "FEDECHO_BUNDLE_SHA256"  # set by the site's ClientApp runner: the approved bundle's code hash
 
 
@@ -212,4 +227,14 @@ def current_bundle() -> str:
     return os.environ.get(BUNDLE_ENV, "")
 
 
-__all__ = ["BUNDLE_ENV", "SITE_DB", "SiteAuditRow", "SiteLog", "audit_message", "current_bundle", "manifest_sha256"]
+__all__ = [
+    "BUNDLE_ENV",
+    "SITE_DB",
+    "START",
+    "SiteAuditRow",
+    "SiteLog",
+    "audit_message",
+    "audit_start",
+    "current_bundle",
+    "manifest_sha256",
+]

@@ -3,7 +3,9 @@
 `site_train` rebuilds the model the run file names, loads the global tensors it received, trains
 for the round's local epochs or steps with the round's learning rate, and returns its update
 (local - received) for the exchanged tensors only. `site_evaluate` scores the received model on
-the site's validation split. Nothing here knows about Flower: `client.app` wraps it in messages.
+the site's validation split. Both count the videos (and patients) behind what they would send against the
+site's policy, and reserve a DP round's privacy cost, from the data index before any video is decoded.
+Nothing here knows about Flower: `client.app` wraps it in messages.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 
 import torch
 
-from fedecho.client.policy import SitePolicy
+from fedecho.client.policy import SitePolicy, enforce_data
 from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
 from fedecho.models import EchoVisionFM, create_model
 from fedecho.models.checkpoint import load_state
-from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, plan_round
+from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, kept_units, plan_round
 from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
 
 
@@ -83,20 +85,39 @@ def site_datasets(
 def site_train(
     cfg: FedRunConfig, phase: str, received: dict[str, torch.Tensor], site: Site, options: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train one round locally; returns (update for the exchanged tensors, metrics)."""
+    """Train one round locally; returns (update for the exchanged tensors, metrics).
+
+    Everything that can refuse the round comes before the first video is decoded: the site's policy on the
+    training set (counted from the data index) and, under DP-SGD, the round's reservation in the privacy ledger."""
     t0 = time.time()
     model = build_model(cfg, phase)
     load_received(model, cfg, phase, received, site, str(options.get("frozen-sha256", "")))
     pcfg = cfg.phase(phase)
     seed = round_seed(int(options["seed"]), phase, 0, site.name)  # the round's seed, made this site's own
     torch.manual_seed(seed)
-    sets = site_datasets(cfg, model, phase, site, seed)
+    sets = site_datasets(cfg, model, phase, site, seed)  # the data index only: nothing decoded yet
     train = sets["train"]
-    train.prepare(progress=False)
     if phase == "finetune" and cfg.local.data.label_fraction < 1:
         train.limit(cfg.local.data.label_fraction, pcfg.seed)
+    enforce_data(site, "the training set", train.records)
+    plan = plan_round(site.privacy, cfg.dp, [r.group for r in train.records], pcfg.batch_size, pcfg.steps, pcfg.epochs)
+    entry = None
+    run = f"{cfg.run.name} (run {options.get('run-id', '?')})"
+    server_round = int(options.get("server-round", 0))
+    if plan is not None:  # DP-SGD: reserved in the site's ledger (or refused) before any video is decoded
+        from fedecho.privacy.dp import reserve_round  # Opacus loads only where DP is used
+
+        entry = reserve_round(
+            model, plan, site.state, run=run, phase=phase, server_round=server_round,
+            epsilon_max=site.privacy.epsilon_max,
+        )  # fmt: skip
+    planned = {r.key: i for i, r in enumerate(train.records)}
+    train.prepare(progress=False)
     if not len(train):
         raise ValueError(f"site {site.name} has no usable training videos for {phase}")
+    enforce_data(site, "the training set (after dropping videos that do not decode)", train.records)
+    if plan is not None:
+        plan = kept_units(plan, [planned[r.key] for r in train.records])
     lr = float(options["lr"])
     # The round's learning rate comes from the server's schedule over rounds: constant within a round.
     round_cfg = dataclasses.replace(pcfg, lr=lr, min_lr=lr, warmup_epochs=0.0, seed=seed, epochs=max(1, pcfg.epochs))
@@ -113,14 +134,12 @@ def site_train(
     budget = pcfg.steps or None
     epoch = 0
     private: dict[str, float] = {}
-    plan = plan_round(site.privacy, cfg.dp, [r.group for r in train.records], pcfg.batch_size, pcfg.steps, pcfg.epochs)
-    if plan is not None:  # DP-SGD: reserved in the site's ledger (or refused) before training
-        from fedecho.privacy.dp import train_private_round  # Opacus loads only where DP is used
+    if plan is not None:
+        from fedecho.privacy.dp import train_private_round
 
-        run = f"{cfg.run.name} (run {options.get('run-id', '?')})"
         res, private = train_private_round(
-            trainer, train, plan, site.state, run=run, phase=phase, server_round=int(options.get("server-round", 0)),
-            epsilon_max=site.privacy.epsilon_max, workers=cfg.local.data.num_workers,
+            trainer, train, plan, site.state, run=run, phase=phase, server_round=server_round,
+            epsilon_max=site.privacy.epsilon_max, workers=cfg.local.data.num_workers, entry=entry,
         )  # fmt: skip
         losses, steps, examples = [res.loss * res.steps], res.steps, res.examples
     while plan is None and ((budget is None and epoch < pcfg.epochs) or (budget is not None and steps < budget)):
@@ -149,15 +168,15 @@ def site_evaluate(
     load_received(model, cfg, phase, received, site, str(options.get("frozen-sha256", "")))
     model.to(pick_device(site.device))
     pcfg = cfg.phase(phase)
-    sets = site_datasets(cfg, model, phase, site, pcfg.seed)
-    if phase == "pretrain":
-        val = sets["val_clips"]
-        val.prepare(progress=False)
-        loss = pretrain_loss(model, val, pcfg.batch_size, pcfg.seed) if len(val) else 0.0
-        return {"num-examples": float(len(val)), "val_loss": loss}
-    val = sets["val"]
-    val.prepare(progress=False)
-    if not len(val):
+    sets = site_datasets(cfg, model, phase, site, pcfg.seed)  # the data index only: nothing decoded yet
+    val = sets["val_clips" if phase == "pretrain" else "val"]
+    if not val.records:  # no validation split here: nothing is computed, nothing but the count leaves
         return {"num-examples": 0.0}
+    enforce_data(site, "the validation split", val.records)  # before any video is decoded
+    val.prepare(progress=False)
+    enforce_data(site, "the validation split (after dropping videos that do not decode)", val.records)
+    if phase == "pretrain":
+        loss = pretrain_loss(model, val, pcfg.batch_size, pcfg.seed)
+        return {"num-examples": float(len(val)), "val_loss": loss}
     metrics = evaluate(model, val, list(pcfg.tasks))
     return {"num-examples": float(len(val)), **{f"val_{k}": v for k, v in metrics.items() if k != "videos"}}

@@ -1,19 +1,23 @@
-"""A site's policy: what the coordinator may ask of this hospital, checked at the site before any data is read.
+"""A site's policy: what the coordinator may ask of this hospital, checked at the site before any video is read.
 
-The `[policy]` table of site.toml lists the phases, tasks and models the site takes part in and the most local
-steps it trains per round (differential privacy is the `[privacy]` table's: `fedecho.privacy.dp_policy`
-enforces DP-SGD, the noise floor and the epsilon budget at training time). The ClientApp builds a `Request`
-from each message (the run file's text, the phase and the round's options: nothing from the site's data)
-and asks `SitePolicy.check`; a request outside the policy is refused before a single file is opened.
+The `[policy]` table of site.toml lists the phases, tasks and models the site takes part in, the most local
+steps it trains per round, and the fewest videos (and patients) behind anything that leaves the site
+(differential privacy is the `[privacy]` table's: `fedecho.privacy.dp_policy` enforces DP-SGD, the noise
+floor and the epsilon budget). The ClientApp builds a `Request` from each message (the run file's text, the
+phase and the round's options: nothing from the site's data) and asks `SitePolicy.check` before a single file
+is opened; then, from the data index alone (file lists, headers: no video decoded), `SitePolicy.check_data`
+counts the videos and patients the round's update or metric would come from.
 
-Without a `[policy]` table every phase, task and model is allowed and local steps are unbounded: installing
-fedecho does not by itself restrict a site, writing the table does.
+A policy is in force even without a `[policy]` table (`DEFAULT_POLICY`), with conservative bounds the site
+can loosen: a coordinator must not be able to ask a site for an update or a validation metric computed from
+one or two videos (a metric over one video is that patient's label; an update from one video is a gradient
+of that video), nor for unbounded local training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,13 @@ from typing import Any
 from fedecho._toml import Table
 
 PHASES = ("pretrain", "finetune")
+# Defaults of a policy without those fields. Ten videos from at least five patients behind every update and
+# every metric: a mean over that many says little about any one of them (and where patient ids exist, one
+# patient's many cines cannot make up the ten). 1000 local steps a round is about 8000 videos at batch 8: a
+# round, not an open-ended local training on the site's data and machine.
+DEFAULT_MIN_VIDEOS = 10
+DEFAULT_MIN_PATIENTS = 5
+DEFAULT_MAX_LOCAL_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -47,12 +58,14 @@ ALLOW = Decision(True, "within the site's policy")
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """One site's rules; None or 0 means "no restriction" for that field."""
+    """One site's rules; a None list allows every name, a bound of 0 is no bound (the site must write it)."""
 
     phases: tuple[str, ...] = PHASES
     tasks: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
-    max_local_steps: int = 0
+    max_local_steps: int = DEFAULT_MAX_LOCAL_STEPS
+    min_videos: int = DEFAULT_MIN_VIDEOS  # videos behind every update (training set) and metric (validation split)
+    min_patients: int = DEFAULT_MIN_PATIENTS  # patients behind them, where every video has a patient id
 
     def check(self, req: Request, train_videos: Callable[[], int] | None = None) -> Decision:
         """Allowed or refused with a reason. train_videos counts the site's training videos; it is called only
@@ -84,18 +97,31 @@ class SitePolicy:
                 )
         return ALLOW
 
-    def describe(self) -> str:
-        """One line for logs and `fedecho client start`."""
-        parts = [
-            f"phases {', '.join(self.phases)}",
-            f"tasks {', '.join(self.tasks) if self.tasks is not None else 'any'}",
-            f"models {', '.join(self.models) if self.models is not None else 'any'}",
-            f"max local steps {self.max_local_steps or 'unbounded'}",
-        ]
-        return "; ".join(parts)
+    def check_data(self, what: str, groups: Sequence[str | None]) -> Decision:
+        """Allowed, or refused when `what` (e.g. "the training set") holds fewer videos than min_videos, or, where
+        every video has a patient id (`groups`: one per video, from the data index), fewer patients than
+        min_patients. Where some video has no patient id only the videos are counted."""
+        n = len(groups)
+        if n < self.min_videos:
+            return Decision(
+                False, f"{what} holds {n} video(s), fewer than the site's minimum of {self.min_videos} (min_videos)"
+            )
+        if self.min_patients and n and all(g not in (None, "") for g in groups):
+            patients = len(set(groups))
+            if patients < self.min_patients:
+                return Decision(
+                    False,
+                    f"{what} holds the videos of {patients} patient(s), fewer than the site's minimum of "
+                    f"{self.min_patients} (min_patients)",
+                )
+        return ALLOW
 
 
 DEFAULT_POLICY = SitePolicy()
+
+# Phantoms for tests and benchmarks hold a handful of videos per virtual site (validation splits of one or two):
+# their sites loosen the default minimums explicitly. Never a hospital's policy.
+SMALL_PHANTOM_POLICY = SitePolicy(min_videos=1, min_patients=1)
 
 
 def _names(table: Table, key: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
@@ -113,7 +139,8 @@ def _names(table: Table, key: str, allowed: tuple[str, ...] | None = None) -> tu
 
 
 def parse_policy(raw: dict[str, Any], path: Path) -> SitePolicy:
-    """The [policy] table of a site.toml (absent: DEFAULT_POLICY); mistakes name the file and the field."""
+    """The [policy] table of a site.toml (absent: DEFAULT_POLICY; an absent field: its default above); mistakes
+    name the file and the field."""
     if "policy" not in raw:
         return DEFAULT_POLICY
     t = Table(raw, path, "policy")
@@ -121,7 +148,9 @@ def parse_policy(raw: dict[str, Any], path: Path) -> SitePolicy:
         phases=PHASES if (phases := _names(t, "phases", PHASES)) is None else phases,
         tasks=_names(t, "tasks"),
         models=_names(t, "models"),
-        max_local_steps=t.integer("max_local_steps", 0, minimum=0),
+        max_local_steps=t.integer("max_local_steps", DEFAULT_MAX_LOCAL_STEPS, minimum=0),
+        min_videos=t.integer("min_videos", DEFAULT_MIN_VIDEOS, minimum=1),
+        min_patients=t.integer("min_patients", DEFAULT_MIN_PATIENTS, minimum=0),
     )
     t.finish()
     return policy
@@ -153,6 +182,17 @@ def train_video_count(data: Path, labels: str = "", partition: tuple[int, int] |
     return len(records)
 
 
+def enforce_data(site: Any, what: str, records: Sequence[Any]) -> None:
+    """Refuse (the ClientApp's Refused) when the videos behind this round's update or metric (`records`: the
+    data index's VideoRecords, nothing decoded) are fewer than the site's policy allows."""
+    from fedecho.client.app import Refused
+
+    policy = getattr(site, "policy", None) or DEFAULT_POLICY
+    decision = policy.check_data(what, [r.group for r in records])
+    if not decision.allowed:
+        raise Refused(f"policy: {decision.reason}")
+
+
 def enforce(site: Any, cfg: Any, phase: str, train: bool) -> str:
     """Check a message against the site's policy before any data access; raise Refused (the ClientApp's
     refusal) on a violation, return the reason it was allowed otherwise."""
@@ -169,11 +209,15 @@ def enforce(site: Any, cfg: Any, phase: str, train: bool) -> str:
 
 
 __all__ = [
+    "DEFAULT_MAX_LOCAL_STEPS",
+    "DEFAULT_MIN_PATIENTS",
+    "DEFAULT_MIN_VIDEOS",
     "DEFAULT_POLICY",
     "Decision",
     "Request",
     "SitePolicy",
     "enforce",
+    "enforce_data",
     "parse_policy",
     "request_from",
     "train_video_count",

@@ -21,6 +21,13 @@ packs the reply's before the push (`fedecho.fl.packing`: one object per tensor c
 its pull of the arrays sooner than Flower would (`QUICK_PULL`), and `flower-supernode` runs Flower's SuperNode
 with its 3 s idle wait shortened (`_SuperNodeClock`).
 
+Crash and restart: the SuperNode heartbeats every `SUPERNODE_HEARTBEAT_INTERVAL` (Flower's minimum, not its
+30 s default), and when the SuperLink refuses to activate it because it still counts the node online (a start
+right after a crash), the wrapper releases its own node (DeactivateNode, which only this site's key can sign)
+and activates again (`_hook_activation`). Every process of the site follows its parent: the launcher stops
+the SuperNode and the runners when `fedecho client start` dies, the SuperNode stops when the launcher dies,
+and the runners are told the launcher's pid (`watch_parent`, Flower's `parent_pid`).
+
 Starting a Python process that imports torch, Flower and fedecho takes seconds (8-11 s on a busy 2-core
 machine), once per message. So the runner keeps one spare runner started ahead (`--token-stdin`): it imports
 the site's installed fedecho ClientApp, Flower's runner and torch, then waits for a task token on stdin.
@@ -32,11 +39,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,39 +201,204 @@ class _SuperNodeClock:
         time.sleep(SUPERNODE_IDLE_POLL if seconds >= 1 else min(seconds, SUPERNODE_LOCAL_POLL))
 
 
-def supernode(argv: list[str]) -> None:
-    """Flower's flower-supernode (same arguments) with `_SuperNodeClock` in its message loop."""
+SUPERNODE_HEARTBEAT_INTERVAL = 10
+"""s between the SuperNode's heartbeats as it declares them to the SuperLink: Flower's minimum
+(HEARTBEAT_MIN_INTERVAL), not its 30 s default. The SuperLink counts a node online until HEARTBEAT_PATIENCE (2)
+intervals after its last heartbeat, so a site that died is seen offline after about 20 s instead of 60 s (the
+coordinator leaves it out of a round sooner). flwr reads the value as the module constant
+HEARTBEAT_DEFAULT_INTERVAL in `flwr.supernode.fleet_http_connection` (what it declares) and in
+`flwr.supercore.heartbeat` (how often it sends: (interval - 5 s) x 0.7..0.9, about every 4 s)."""
+
+NODE_FILE = "node.json"  # in the state folder: the node id this site's key was last activated as, at which SuperLink
+
+
+class SiteRefused(RuntimeError):
+    """The SuperLink did not activate this site's node; the reason has been written as a `fedecho-site:` line."""
+
+
+def _say(kind: str, text: str) -> None:
+    """One line for the supervisor (`fedecho.client.supernode.SuperNodeWatch`), in the SuperNode's log."""
+    from fedecho.client.supernode import EVENT_PREFIX
+
+    print(f"{EVENT_PREFIX} {kind}: {text}", file=sys.stderr, flush=True)
+
+
+def check_supernode_hooks() -> tuple[Any, Any, Any, Any]:
+    """Flower's SuperNode modules fedecho hooks (loop clock, heartbeat interval, activation), checked to still have
+    what is replaced: a flwr that changed fails here, loudly, instead of running unhooked."""
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection as fhc
     from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    problems = []
+    if getattr(sci, "time", None) is not time or not callable(getattr(sci, "_pull_and_store_message", None)):
+        problems.append("start_client_internal has no `time` module or _pull_and_store_message (loop polling)")
+    for module in (fhc, heartbeat):
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
+            problems.append(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL (heartbeat interval)")
+    if not callable(getattr(FleetHttpClient, "ActivateNode", None)) or not callable(
+        getattr(FleetHttpClient, "DeactivateNode", None)
+    ):
+        problems.append("FleetHttpClient has no ActivateNode/DeactivateNode (release of a node still online)")
+    if getattr(fhc, "FleetHttpClient", None) is not FleetHttpClient:
+        problems.append("fleet_http_connection does not use FleetHttpClient")
+    if not getattr(constant, "HEARTBEAT_MIN_INTERVAL", SUPERNODE_HEARTBEAT_INTERVAL) <= SUPERNODE_HEARTBEAT_INTERVAL:
+        problems.append(f"flwr's HEARTBEAT_MIN_INTERVAL is above {SUPERNODE_HEARTBEAT_INTERVAL} s")
+    if problems:
+        raise RuntimeError("this flwr's SuperNode has changed, fedecho cannot hook it: " + "; ".join(problems))
+    return sci, fhc, heartbeat, FleetHttpClient
+
+
+def _node_key(base_url: str, public_key: bytes) -> str:
+    return hashlib.sha256(base_url.encode() + b"\0" + public_key).hexdigest()
+
+
+def remembered_node(state: Path, base_url: str, public_key: bytes) -> int | None:
+    """The node id this key was last activated as at this SuperLink (None: never, or another key/SuperLink)."""
+    try:
+        data = json.loads((state / NODE_FILE).read_text())
+        return int(data["node_id"]) if data.get("key") == _node_key(base_url, public_key) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_node(state: Path, base_url: str, public_key: bytes, node_id: int) -> None:
+    from fedecho.storage.files import atomic_write_bytes
+
+    data = {"node_id": node_id, "superlink": base_url, "key": _node_key(base_url, public_key)}
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(state / NODE_FILE, json.dumps(data).encode())
+
+
+def _activation_refused(exc: BaseException) -> bool:
+    """True for the SuperLink's "Failed to activate SuperNode" (its public reply: the cause is not sent, whether
+    the key is unknown or the node still online)."""
+    import httpx
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+
+    if not isinstance(exc, httpx.HTTPStatusError):
+        return False
+    error = FlowerError.from_json(exc.response.text)
+    return error is not None and error.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
+
+
+def _hook_activation(client_class: Any, site: str, state: Path) -> None:
+    """FleetHttpClient.ActivateNode, remembering the node id it got and, when the SuperLink refuses because it
+    still counts the node online (flwr 1.42: ONLINE until 2 heartbeat intervals after the last heartbeat, e.g. a
+    start right after a crash), releasing the node and activating again.
+
+    The refusal does not say why, so the node this key was last activated as (NODE_FILE) is released with
+    DeactivateNode: the SuperLink accepts it only when signed by that node's own key. Unauthorized (401) means this
+    key maps to no such node: the key is not registered (any more)."""
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+
+    activate = client_class.ActivateNode
+
+    def release_and_activate(client: Any, request: Any, refusal: BaseException) -> Any:
+        base_url = str(getattr(client, "_base_url", ""))
+        known = remembered_node(state, base_url, request.public_key)
+        if known is None:
+            _say("unregistered", "the coordinator refused to activate this site's key, and no node of it is on record")
+            raise SiteRefused(f"site {site}: activation refused; its public key is not registered") from refusal
+        try:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=known))
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code == httpx.codes.UNAUTHORIZED:
+                _say("unregistered", f"the coordinator refused to activate this site's key (node {known} is not its)")
+                raise SiteRefused(f"site {site}: activation refused; its public key is not registered") from refusal
+            status = e.response.status_code
+            _say("refused", f"activation refused; node {known} could not be released either (HTTP {status})")
+            raise SiteRefused(f"site {site}: activation refused") from refusal
+        said = f"the coordinator still counted site {site} online from its previous start; released node {known}"
+        _say("released", said)
+        try:
+            return activate(client, request)
+        except Exception as e:
+            if _activation_refused(e):
+                _say("online", f"node {known} released, but its activation was refused again")
+                raise SiteRefused(f"site {site}: activation refused after releasing node {known}") from e
+            raise
+
+    def activate_or_release(client: Any, request: Any) -> Any:
+        try:
+            response = activate(client, request)
+        except Exception as e:
+            if not _activation_refused(e):
+                raise
+            response = release_and_activate(client, request, e)
+        remember_node(state, str(getattr(client, "_base_url", "")), request.public_key, int(response.node_id))
+        return response
+
+    client_class.ActivateNode = activate_or_release
+
+
+def supernode(argv: list[str]) -> None:
+    """Flower's flower-supernode (same arguments) with `_SuperNodeClock` in its message loop, heartbeats every
+    SUPERNODE_HEARTBEAT_INTERVAL, a node still counted online released (`_hook_activation`), and a graceful stop
+    (SIGINT to itself: Flower then deactivates the node) when its parent, the site's launcher, dies."""
     from flwr.supernode.cli import flower_supernode
 
-    if getattr(sci, "time", None) is not time or not callable(getattr(sci, "_pull_and_store_message", None)):
-        raise RuntimeError("this flwr's SuperNode loop has changed: fedecho cannot shorten its polling")
+    from fedecho._proc import watch_parent
+
+    sci, fhc, heartbeat, client_class = check_supernode_hooks()
     sci.time = _SuperNodeClock()  # type: ignore[assignment]
+    fhc.HEARTBEAT_DEFAULT_INTERVAL = SUPERNODE_HEARTBEAT_INTERVAL
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = SUPERNODE_HEARTBEAT_INTERVAL
+    state = Path(os.environ.get("FEDECHO_SITE_STATE") or Path.cwd())
+    _hook_activation(client_class, os.environ.get("FEDECHO_SITE_NAME", "this site"), state)
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGINT))
     sys.argv = ["flower-supernode", *argv]
     sys.exit(flower_supernode())
 
 
-def node(supernode: list[str], address: str, secret_file: Path) -> int:
-    """Start flower-supernode (same process group) and serve its ClientApp tasks until it exits; Ctrl-C or
-    SIGTERM stop the SuperNode cleanly. Returns the SuperNode's exit code."""
-    import signal
-    import threading
+def _port_open(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _serve_when_up(proc: subprocess.Popen[bytes], address: str, secret_file: Path) -> None:
+    """serve() once the SuperNode's Runtime API listens: polling it earlier only fills the log with Flower's
+    "Connection attempt failed" lines (the SuperNode takes seconds to start)."""
+    while proc.poll() is None and not _port_open(address):
+        time.sleep(0.2)
+    if proc.poll() is None:
+        serve(address, secret_file, None)
+
+
+def node(supernode: list[str], address: str, secret_file: Path, hold_fds: Sequence[int] = ()) -> int:
+    """Start flower-supernode (same process group; it inherits hold_fds, the site's locks) and serve its ClientApp
+    tasks until it exits. Ctrl-C, SIGTERM or the death of the parent (`fedecho client start`) stop the SuperNode
+    cleanly; the runners left (the spare, a task's) are stopped as the launcher ends. Returns the SuperNode's exit
+    code."""
+    from fedecho._proc import stop_descendants, watch_parent
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    proc = subprocess.Popen(supernode)
-    threading.Thread(target=serve, args=(address, secret_file, None), daemon=True).start()
+    proc = subprocess.Popen(supernode, pass_fds=tuple(hold_fds))
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    threading.Thread(target=_serve_when_up, args=(proc, address, secret_file), daemon=True).start()
     try:
         return proc.wait()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         proc.send_signal(signal.SIGINT)
         try:
             return proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
+    finally:
+        stop_descendants(os.getpid(), grace=5.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     nd = sub.add_parser("node", help="start flower-supernode (argv after --) with the runner beside it")
     nd.add_argument("--runtime-api-address", required=True)
     nd.add_argument("--secret-file", required=True, type=Path)
+    nd.add_argument("--hold-fd", type=int, action="append", default=[], help="a lock descriptor to keep (and pass on)")
     nd.add_argument("supernode", nargs=argparse.REMAINDER)
     sn = sub.add_parser("flower-supernode", help="Flower's flower-supernode (its argv after --), polling sooner")
     sn.add_argument("supernode", nargs=argparse.REMAINDER)
@@ -249,8 +428,9 @@ def main(argv: list[str] | None = None) -> None:
         supernode(args.supernode)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request (the runner polls 5 times a second)
+    logging.getLogger("flwr").propagate = False  # Flower's logger has its own handler: each of its lines once
     if args.command == "node":
-        sys.exit(node(args.supernode, args.runtime_api_address, args.secret_file))
+        sys.exit(node(args.supernode, args.runtime_api_address, args.secret_file, args.hold_fd))
     if args.command == "executor":
         with contextlib.suppress(KeyboardInterrupt):
             serve(args.runtime_api_address, args.secret_file, args.parent_pid)

@@ -9,13 +9,18 @@ children in order (SIGINT, then SIGTERM, then SIGKILL for the whole group).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import ipaddress
+import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,13 +63,16 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def spawn(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start argv in a new session (its own process group), stdout and stderr appended to `log`."""
+def spawn(
+    argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None, pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:
+    """Start argv in a new session (its own process group), stdout and stderr appended to `log`; `pass_fds`
+    stay open in the child (e.g. the descriptors of locks it is to hold)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
             list(argv), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, pass_fds=tuple(pass_fds),
         )  # fmt: skip
 
 
@@ -115,6 +123,38 @@ def _kill_detached(processes: dict[int, int], grace: float) -> None:
             return
 
 
+def stop_descendants(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after grace, every live descendant of pid (a supervisor's leftovers as it exits)."""
+    _kill_detached(descendants(pid), grace)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process pid exists and is not a zombie."""
+    st = _stat(pid)
+    return st is not None and st[2] != "Z"
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of a live process (None when it is gone)."""
+    st = _stat(pid)
+    return st[0] if st is not None and st[2] != "Z" else None
+
+
+def watch_parent(on_orphaned: Callable[[], None], interval: float = 0.5) -> threading.Thread:
+    """Call on_orphaned() once, from a daemon thread, when this process's parent dies (it is then re-parented:
+    getppid changes), so that a SIGKILL of a supervisor does not leave its children running."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        on_orphaned()
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
     """Stop a spawned Flower process: SIGINT (it shuts down its own children), then SIGTERM, then SIGKILL.
 
@@ -152,6 +192,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def strip_ansi(text: str) -> str:
+    """text without terminal colour codes (Flower colours its log lines even into a file)."""
+    return _ANSI.sub("", text)
+
+
+def rotate_log(path: Path, keep: int = 5) -> None:
+    """Move path to path.1 (path.1 to path.2, ... up to `keep` generations), so a new start's log holds only its own
+    lines: what a supervisor reads to judge this start (node id, refusal) can never be an earlier start's line."""
+    if not path.exists():
+        return
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """The last lines of a log file (empty if missing): to show why a process died."""
     try:
@@ -184,6 +241,99 @@ class LogFollower:
         end = data.rfind(b"\n") + 1  # only whole lines
         self.offset += end
         return data[:end].decode(errors="replace").splitlines()
+
+
+class LockBusy(RuntimeError):
+    """Another live process holds the lock; `holder` is what it wrote into the lock file ({} if unreadable)."""
+
+    def __init__(self, path: Path, holder: dict[str, object]) -> None:
+        super().__init__(f"{path} is locked by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+def read_lock(path: Path) -> dict[str, object]:
+    """What the holder of a lock file wrote into it ({} when missing or unreadable)."""
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_lock(fd: int, holder: dict[str, object]) -> None:
+    """Replace the holder record in a lock file this process holds (e.g. with the pid of the child it passed to)."""
+    data = json.dumps(holder).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def lock_file(path: Path, holder: dict[str, object], wait: float = 0.0, readonly: bool = False) -> int:
+    """An exclusive flock on path (created if missing), with `holder` (JSON) written into it; returns the descriptor.
+
+    The kernel releases the lock when the last process holding the descriptor exits, however it ends, so a crashed
+    holder never blocks a restart. Pass the descriptor to a child (spawn's pass_fds) and it holds the lock too.
+    readonly: lock an existing file without writing to it (e.g. a private key in a read-only folder). Raises
+    LockBusy, naming what the holder wrote, when another process still holds it after `wait` seconds."""
+    fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise LockBusy(path, {} if readonly else read_lock(path)) from None
+            time.sleep(0.2)
+    if not readonly:
+        write_lock(fd, holder)
+    return fd
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when a TCP port on host cannot be bound because something listens there (or binds it) now."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no user
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def listening_pid(port: int) -> int | None:
+    """The pid of a process (of this user: others' are unreadable) listening on TCP port, from /proc; None if none
+    is found."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])  # state 0A: LISTEN
+    if not inodes:
+        return None
+    wanted = {f"socket:[{i}]" for i in inodes}
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in (entry / "fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) in wanted:
+                            return int(entry.name)
+    return None
+
+
+def cmdline(pid: int) -> list[str]:
+    """A process's argv from /proc ([] when gone or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:

@@ -6,7 +6,9 @@ import just to parse a config), so this is a small stand-alone reader rather tha
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,38 @@ ConfigFileError = ConfigError
 
 
 _MISSING: Any = object()
+
+
+def did_you_mean(name: str, known: Iterable[str], brackets: bool = False) -> str:
+    """The hint every unknown section or field error carries: ' (did you mean X?)' when a known name is close to
+    `name` (a typo), else ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean [{close[0]}]?)" if brackets else f" (did you mean {close[0]!r}?)"
+
+
+def unknown_keys(keys: Iterable[str], known: Iterable[str], where: str) -> ConfigError | None:
+    """The error for the fields of `keys` not in `known` (None when all are known), naming `where` (the file and
+    table, e.g. "site.toml: [policy]"), each unknown field with the closest known one, and the known ones."""
+    known = sorted(set(known))
+    unknown = sorted(set(keys) - set(known))
+    if not unknown:
+        return None
+    named = ", ".join(f"{k}{did_you_mean(k, known)}" for k in unknown)
+    return ConfigError(f"{where}: unknown field(s) {named}; known: {', '.join(known) or 'none'}")
+
+
+def check_sections(raw: dict[str, Any], path: str | Path, known: Iterable[str]) -> None:
+    """Reject a top-level table (or key) of a config file that no reader of it knows: a misspelt `[privcy]`
+    would otherwise be ignored and its settings silently fall back to the defaults."""
+    known = sorted(set(known))
+    for name in sorted(raw):
+        if name not in known:
+            raise ConfigError(
+                f"{path}: unknown section [{name}]{did_you_mean(name, known, brackets=True)}; "
+                f"known: {', '.join(f'[{k}]' for k in known)}"
+            )
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -110,6 +144,11 @@ class Table:
             raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
         return value
 
+    def optional_choice(self, key: str, choices: tuple[str, ...]) -> str | None:
+        """One of choices, or None when the field is absent (the reader then decides, e.g. from the data)."""
+        value = self._get(key, None)
+        return None if value is None else self.choice(key, choices)
+
     def location(self, key: str, default: Any = _MISSING) -> Path:
         """A path; relative ones are taken from the config file's folder, so the file can move with its tree."""
         value = self.text(key, default)
@@ -124,9 +163,6 @@ class Table:
 
     def finish(self) -> None:
         """Reject fields nobody read: a typo must not silently fall back to a default."""
-        unknown = sorted(set(self.raw) - self._seen)
-        if unknown:
-            known = ", ".join(sorted(self._seen))
-            raise ConfigFileError(
-                f"{self.path}: [{self.name}] has unknown field(s) {', '.join(unknown)} (known: {known})"
-            )
+        error = unknown_keys(self.raw, self._seen, f"{self.path}: [{self.name}]")
+        if error is not None:
+            raise error

@@ -53,9 +53,13 @@ def write_server_toml(
     eval_data: Path | None = None,
     trace_messages: bool = False,
     control_port: int | None = None,
+    quorum: int | None = None,
+    site_wait: float | None = None,
+    round_retries: int | None = None,
 ) -> Path:
     """A server.toml under root with certs in root/certs, keys in root/keys, state in root/server: the front on
-    PUBLIC_HOST:port, the SuperLink on 127.0.0.1 (a free port unless given)."""
+    PUBLIC_HOST:port, the SuperLink on 127.0.0.1 (a free port unless given); quorum, site_wait and round_retries
+    are written only when given (else server.toml's defaults hold)."""
     path = root / "server.toml"
     path.write_text(
         "[server]\n"
@@ -69,6 +73,9 @@ def write_server_toml(
         f"min_sites = {min_sites}\n"
         f'eval_data = "{eval_data or ""}"\n'
         f"trace_messages = {str(trace_messages).lower()}\n"
+        + (f"quorum = {quorum}\n" if quorum is not None else "")
+        + (f"site_wait = {float(site_wait)}\n" if site_wait is not None else "")
+        + (f"round_retries = {round_retries}\n" if round_retries is not None else "")
     )
     return path
 
@@ -104,6 +111,10 @@ def write_site_toml(
         f'public_key = "{name}.pub"\n'
         "[supernode]\n"
         f"port = {node_port or free_port()}\n"
+        "# a phantom rehearsal: a handful of videos per site, below the default minimums (10 videos of 5 patients)\n"
+        "[policy]\n"
+        "min_videos = 1\n"
+        "min_patients = 1\n"
     )
     return path
 

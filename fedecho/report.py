@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # Bookkeeping keys, not quality metrics: left out of the metric columns and the per-site metric plots.
-BOOKKEEPING = frozenset({"num-examples", "num_examples", "seconds", "epsilon", "delta"})
+BOOKKEEPING = frozenset({"num-examples", "num_examples", "seconds", "epsilon", "delta", "dp_per_patient"})
 LOSS = "train_loss"
 VAL_LOSS = "val_loss"
 
@@ -150,12 +150,12 @@ def run_tables(store: Store, run_id: int) -> list[TableData]:
     )
     with_eps = any("epsilon" in x.metrics for x in results)
     site_header = ["phase", "round", "site", "kind", "status", "examples", "metrics"]
-    site_header += ["epsilon"] if with_eps else []
+    site_header += ["epsilon", "privacy unit"] if with_eps else []
     site_header += ["down", "up", "reason"]
     site_rows = []
     for x in results:
         row = [x.phase, str(x.round), x.site, x.kind, x.status, str(x.num_examples), fmt_metrics(x.metrics)]
-        row += [fmt_value(x.metrics.get("epsilon"))] if with_eps else []
+        row += [fmt_value(x.metrics.get("epsilon")), privacy_unit(x.metrics)] if with_eps else []
         row += [fmt_bytes(x.bytes_down), fmt_bytes(x.bytes_up), x.reason or "-"]
         site_rows.append(row)
     checkpoints = TableData(
@@ -338,23 +338,38 @@ def _plot_bytes(out: Path, phases: list[str], results: list[SiteResultRow]) -> P
     return Plot("bytes.png", "Traffic per round and site, in MiB (stacked over sites)")
 
 
+def privacy_unit(metrics: dict[str, Any]) -> str:
+    """What a site's reported epsilon protects: "patient", "video", or "-" (no DP, or a site too old to say)."""
+    if "epsilon" not in metrics or "dp_per_patient" not in metrics:
+        return "-"
+    return "patient" if metrics["dp_per_patient"] else "video"
+
+
 def _plot_privacy(out: Path, phases: list[str], results: list[SiteResultRow]) -> Plot | None:
-    """Each site's privacy spent (epsilon) after each round; drawn only once sites report it."""
+    """Each site's privacy spent (epsilon) after each round, labelled with the unit that epsilon protects (the
+    site's latest report); drawn only once sites report it."""
     eps = _site_values(results, lambda x: _number(x.metrics.get("epsilon")), ("train", "evaluate"))
     if not eps:
         return None
+    units = {x.site: privacy_unit(x.metrics) for x in results if "epsilon" in x.metrics}
     steps = _Steps(phases, (k for site in eps.values() for k in site))
     fig, axes = _figure(1, size=(7.0, 3.6))
     ax = axes[0]
     for site in sorted(eps):
-        ax.plot(*_series({steps.x[k]: v for k, v in eps[site].items()}), marker="o", label=site)
+        unit = units.get(site, "-")
+        label = site if unit == "-" else f"{site} (per {unit})"
+        ax.plot(*_series({steps.x[k]: v for k, v in eps[site].items()}), marker="o", label=label)
     ax.set_title("privacy spent per site")
     ax.set_ylabel("epsilon")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     steps.decorate(ax)
     _save(fig, out, "privacy.png")
-    return Plot("privacy.png", "Privacy spent (epsilon) per site, cumulative over rounds")
+    return Plot(
+        "privacy.png",
+        "Privacy spent (epsilon) per site, cumulative over rounds; per patient, or per video (a patient with k "
+        "videos is protected about k times more weakly)",
+    )
 
 
 def _plot_server(out: Path, phases: list[str], rounds: list[RoundRow], limit: int = 6) -> Plot | None:

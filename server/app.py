@@ -2,7 +2,8 @@
 
 `app` serves `fedecho server run`: everything it needs arrives in the run config that
 `fedecho server run` writes into the submitted app (`fedecho-run-toml`, `fedecho-state`,
-`fedecho-store`, `fedecho-round-timeout`, `fedecho-min-sites`, `fedecho-eval-data`,
+`fedecho-store`, `fedecho-round-timeout`, `fedecho-min-sites`, `fedecho-quorum`,
+`fedecho-site-wait`, `fedecho-round-retries`, `fedecho-eval-data`,
 `fedecho-resume`, `fedecho-trace-messages` when the coordinator traces messages, and `fedecho-max-examples`,
 `fedecho-max-examples-per-site` when its caps on claimed example counts differ from the defaults). Sites are
 named from the registry the coordinator keeps in its state folder (`fedecho.server.identity.RegistryNames`).
@@ -28,10 +29,15 @@ from fedecho.fl.config import parse_run_config
 from fedecho.fl.packing import QUICK_PULL, pack_message, unpack_message
 from fedecho.server.config import DEFAULT_MAX_EXAMPLES
 from fedecho.server.identity import RegistryNames
-from fedecho.server.rounds import FederatedRun, ServerSettings
+from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
 from fedecho.storage.store import store_url
 
 log = logging.getLogger("fedecho.server")
+
+RESUME_HINTS = {  # what an operator runs once the sites are back
+    "deployment": "fedecho server resume {} --server SERVER.toml",
+    "simulation": "fedecho sim --resume {} (with the same options)",
+}
 
 
 def server_threads() -> int:
@@ -59,6 +65,9 @@ def settings_from_run_config(context: Context) -> tuple[str, ServerSettings, int
         store_url=store_url(state, str(rc.get("fedecho-store", "") or "") or None),
         round_timeout=float(rc.get("fedecho-round-timeout", 600.0)),  # type: ignore[arg-type]
         min_sites=int(rc.get("fedecho-min-sites", 2)),  # type: ignore[arg-type]
+        quorum=int(rc.get("fedecho-quorum", 1)),  # type: ignore[arg-type]
+        site_wait=float(rc.get("fedecho-site-wait", 600.0)),  # type: ignore[arg-type]
+        round_retries=int(rc.get("fedecho-round-retries", 2)),  # type: ignore[arg-type]
         eval_data=Path(eval_data) if eval_data else None,
         eval_cache=state / "cache",
         trace_messages=bool(rc.get("fedecho-trace-messages", False)),
@@ -159,11 +168,20 @@ def build_server_app(
         run = FederatedRun(cfg, settings, resume=resume, on_round=on_round or print_round)
         if outcome is not None:
             outcome["run_id"] = run.run_id
+        if run.already_finished:
+            print(f"fedecho run {run.run_id} is already finished: nothing to resume", flush=True)
+            return
         run.store.set_flower_run_id(run.run_id, int(context.run_id))
         log.info("fedecho run %d (%s): phases %s", run.run_id, run.cfg.run.name, ", ".join(run.cfg.phases))
         print(f"fedecho run {run.run_id}: {run.cfg.run.name}", flush=True)
         try:
             run.execute(PackingGrid(grid))
+        except RoundFailed as e:  # a pause, not a crash: one line, and the run resumes from its checkpoint
+            if outcome is not None:
+                outcome["error"] = e
+            hint = RESUME_HINTS[settings.mode].format(run.run_id)
+            print(f"fedecho run {run.run_id} paused: {e}. Resume it with `{hint}`", flush=True)
+            return
         except Exception as e:
             if outcome is not None:
                 outcome["error"] = e

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedecho._proc import StateFolder, is_loopback
-from fedecho._toml import ConfigFileError, Table, read_toml
+from fedecho._toml import Table, check_sections, read_toml
 from fedecho.security.certs import CertError, split_host_port
 
 DEFAULT_PORT = 9093
@@ -35,7 +35,10 @@ class ServerConfig(StateFolder):
     store: str | None
     eval_data: Path | None
     round_timeout: float
-    min_sites: int
+    min_sites: int  # sites connected before a run's first round starts
+    quorum: int = 1  # accepted replies a round needs to count (fewer: the round is retried, then the run pauses)
+    site_wait: float = 600.0  # seconds a round waits for enough connected sites
+    round_retries: int = 2  # attempts at a round after the first, when too few sites replied
     trace_messages: bool = False  # the ServerApp writes every message to STATE/trace/ (fedecho.server.trace)
     nginx: str = "nginx"  # the public front's executable (fedecho.server.front)
     max_examples: int = DEFAULT_MAX_EXAMPLES  # a site's claimed num-examples per reply: at most this ...
@@ -103,9 +106,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     """Read and check configs/server.toml; a mistake raises ConfigFileError naming the file and field."""
     path = Path(path).resolve()
     raw = read_toml(path)
-    extra = sorted(set(raw) - {"server"})
-    if extra:
-        raise ConfigFileError(f"{path}: unknown table(s) {', '.join(extra)} (known: server)")
+    check_sections(raw, path, {"server"})
     t = Table(raw, path, "server")
     host, port = _address(t, "address")
     listen_host, listen_port = _address(t, "listen", _join("0.0.0.0", port))
@@ -134,10 +135,15 @@ def load_server_config(path: str | Path) -> ServerConfig:
         eval_data=t.optional_location("eval_data"),
         round_timeout=t.number("round_timeout", 3600.0, positive=True),
         min_sites=t.integer("min_sites", 2, minimum=1),
+        quorum=t.integer("quorum", 1, minimum=1),
+        site_wait=t.number("site_wait", 600.0, positive=True),
+        round_retries=t.integer("round_retries", 2, minimum=0),
         trace_messages=t.flag("trace_messages", False),
         nginx=t.text("nginx", "nginx"),
         max_examples=t.integer("max_examples", DEFAULT_MAX_EXAMPLES, minimum=1),
         max_examples_per_site=t.integers("max_examples_per_site", minimum=1),
     )
     t.finish()
+    if cfg.quorum > cfg.min_sites:
+        raise t.error("quorum", f"({cfg.quorum}) must not exceed min_sites ({cfg.min_sites}): rounds could never count")
     return cfg

@@ -4,7 +4,10 @@ Flower's `Strategy.start` counts rounds from 1 and keeps everything in memory. `
 drives the same strategy objects (`configure_train`, `aggregate_train`) itself so that it can:
 - send the exchanged tensors in the run's wire precision, and per site the frozen encoder when a
   site does not hold it yet;
-- wait for replies with a deadline and go on with the sites that answered (dropouts);
+- ride out site outages: a round goes on with the sites that answered once the run's quorum did; a site
+  Flower reports offline (no heartbeat) is not waited for once the others are in; a round with too few
+  replies is retried, and after that the run pauses (resumable, one line, no traceback). Every drop,
+  rejoin, retry and pause is an event in the store under the site's name;
 - check every update (names, shapes, dtype, finite values, norm) before aggregation, decode it to
   fp32 and add it to the fp32 master; check each reply's metrics and claimed example count, and name
   its site from the node Flower authenticated (`fedecho.server.identity`), not from the reply. No
@@ -19,12 +22,14 @@ drives the same strategy objects (`configure_train`, `aggregate_train`) itself s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +79,17 @@ log = logging.getLogger("fedecho.server")
 
 
 class RoundFailed(RuntimeError):
-    """Too few sites answered; the run stops and can be resumed."""
+    """The run cannot go on now (too few sites, also after the round's retries): it pauses, and
+    `fedecho server resume` continues it from its last checkpoint."""
+
+
+class TooFewReplies(RuntimeError):
+    """One attempt at a round ended with fewer accepted replies than the quorum. It is retried when a site failed
+    (offline, no reply, an error): a refusal or a rejection would only come again."""
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass
@@ -84,13 +99,19 @@ class ServerSettings:
     state: Path
     store_url: str
     round_timeout: float = 600.0
-    min_sites: int = 2
+    min_sites: int = 2  # sites connected before the run's first round starts
+    quorum: int = 1  # accepted replies a round needs to count (the run file's [run].min_sites overrides it)
+    site_wait: float = 600.0  # seconds a round waits for enough connected sites before it is retried
+    round_retries: int = 2  # attempts after the first at a round with too few replies; then the run pauses
     eval_data: Path | None = None
     eval_cache: Path | None = None
     mode: str = "deployment"
     poll_interval: float = 0.1  # seconds between pulls for replies (a cheap request to the SuperLink)
-    resend_interval: float = 5.0  # seconds before asking again a site Flower reported unavailable ...
-    resend_for: float = 60.0  # ... for this long (Flower: a 30 s heartbeat interval, 20 s at most between retries)
+    # A site Flower reports unavailable (no heartbeat for 2 heartbeat intervals; the sites send one every few
+    # seconds, `fedecho.client.runtime`) is asked again as soon as it is back online, for this long, and not
+    # waited for at all once the other sites are in and the quorum is met:
+    resend_for: float = 30.0
+    node_check_interval: float = 1.0  # seconds between looks at which sites are online, while waiting
     trace_messages: bool = False  # write every message sent and received to STATE/trace/ (fedecho.server.trace)
     # Who a reply comes from: the deployment names sites from its registry of authenticated nodes
     # (fedecho.server.identity.RegistryNames); by default, as in the simulation, from the reply itself.
@@ -117,7 +138,7 @@ class SiteReply:
     norm: float = 0.0  # the update's L2 norm (for the round's adaptive bound)
 
 
-_REFUSED_BY = re.compile(r"^refused by site (.+?): ")
+_SITE_ERROR = re.compile(r"^(?:refused by )?site (.+?): ")  # how a site's refusal or failure names it
 
 
 @dataclass
@@ -134,11 +155,11 @@ NAME_MAX = 100  # characters of a site name a reply may give
 
 def _claimed_name(reply: Message) -> tuple[str, str]:
     """(the site name a reply gives for itself, "" when none; a problem with it, "" when none): its info record,
-    or a refusal's reason (a refusal carries no content). Never raises: the reply is judged afterwards."""
+    or a refusal's or failure's reason (an error carries no content). Never raises: the reply is judged afterwards."""
     try:
         if reply.has_content():
             name = reply.content["info"].get("site", "") if "info" in reply.content else ""
-        elif reply.has_error() and (m := _REFUSED_BY.match(str(reply.error.reason))):
+        elif reply.has_error() and (m := _SITE_ERROR.match(str(reply.error.reason))):
             name = m.group(1)
         else:
             name = ""
@@ -175,18 +196,26 @@ class FederatedRun:
         self.settings = settings
         self.store = Store(settings.store_url)
         self.checkpoints = settings.state / "checkpoints"
+        self.already_finished = False
         if resume:
             row = self.store.get_run(resume)
             self.cfg = parse_run_config(row.config_toml, f"run {resume} in the store")
             self.run_id = resume
-            self.store.add_event(resume, "resume", "run resumed")
+            if row.status == "finished":  # nothing to do: say so, change nothing
+                self.already_finished = True
+                return
+            self.store.add_event(resume, "resume", f"run resumed (it was {row.status})")
         else:
             self.cfg = cfg
             self.run_id = self.store.create_run(cfg.run.name, cfg.text, mode=settings.mode)
             for p in cfg.phases:
                 self.store.add_phase(self.run_id, p, cfg.phase(p).rounds)
         self.store.set_run_status(self.run_id, "running")
-        self.min_sites = self.cfg.run.min_sites or settings.min_sites
+        self.quorum = self.cfg.run.min_sites or settings.quorum
+        self.start_sites = max(settings.min_sites, self.quorum)  # connected before the run's first round
+        self.rounds_done = 0  # rounds this process has completed (the first one waits for start_sites)
+        self.online: set[int] | None = None  # the sites online at the last look
+        self.dropped: set[int] = set()  # sites recorded as dropped and not yet back
         self.timeout = self.cfg.run.round_timeout or settings.round_timeout
         self.wire = self.cfg.run.wire_dtype
         self.site_names = settings.site_names
@@ -199,14 +228,16 @@ class FederatedRun:
 
     # ----------------------------------------------------------------- phases
     def execute(self, grid: Grid) -> int:
+        if self.already_finished:
+            return self.run_id
         try:
             previous: EchoVisionFM | None = None
             for phase in self.cfg.phases:
                 previous = self.run_phase(grid, phase, previous)
                 self.store.set_phase_status(self.run_id, phase, "finished")
         except RoundFailed as e:
-            self.store.set_run_status(self.run_id, "stopped", str(e))
-            self.store.add_event(self.run_id, "stopped", str(e))
+            self.store.set_run_status(self.run_id, "paused", str(e))
+            self.store.add_event(self.run_id, "paused", str(e))
             raise
         except BaseException as e:
             self.store.set_run_status(self.run_id, "failed", f"{type(e).__name__}: {e}")
@@ -229,7 +260,7 @@ class FederatedRun:
         pcfg = self.cfg.phase(phase)
         self.store.set_phase_status(self.run_id, phase, "running")
         strategy = build_strategy(
-            self.cfg.strategy_name, self.cfg.strategy_params, fraction=self.cfg.run.fraction, min_sites=self.min_sites
+            self.cfg.strategy_name, self.cfg.strategy_params, fraction=self.cfg.run.fraction, min_sites=self.quorum
         )
         model = self.initial_model(phase, previous)
         self.server_peak_lr = server_peak_lr(strategy)
@@ -242,8 +273,79 @@ class FederatedRun:
             log.info("%s: continuing after round %d from %s", phase, ck.round, ck.model)
         self.holding_frozen.clear()
         for server_round in range(start, pcfg.rounds + 1):
-            self.one_round(grid, phase, server_round, model, strategy)
+            self.round_with_retries(grid, phase, server_round, model, strategy)
         return model
+
+    # ------------------------------------------------------------ dropouts
+    def round_with_retries(
+        self, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, strategy: Strategy
+    ) -> None:
+        """One round, attempted again (same seeds, so the same work) while too few sites replied, up to
+        `round_retries` times; then the run pauses (RoundFailed). Each retry first waits for enough sites."""
+        retries = self.settings.round_retries
+        for attempt in range(retries + 1):
+            need = self.start_sites if self.rounds_done == 0 else self.quorum
+            self.wait_for_sites(grid, need, f"{phase} round {server_round}")
+            try:
+                self.one_round(grid, phase, server_round, model, strategy)
+                self.rounds_done += 1
+                return
+            except TooFewReplies as e:
+                if not e.retry:
+                    raise RoundFailed(f"{e} (the others refused or were rejected)") from None
+                if attempt == retries:
+                    raise RoundFailed(f"{e}; paused after {retries + 1} attempts") from None
+                self.note("round-retry", f"{e}; trying again ({attempt + 1} of {retries})")
+
+    def wait_for_sites(self, grid: Grid, need: int, what: str) -> None:
+        """Block until at least `need` sites are online, noting drops and rejoins; after `site_wait` seconds
+        without them the run pauses. (Flower's own sampling would wait forever, logging every second.)"""
+        deadline = time.time() + self.settings.site_wait
+        online = self.observe_sites(grid)
+        if len(online) >= need:
+            return
+        self.note("waiting", f"{what}: waiting for {need} sites to be online ({len(online)} are)")
+        while time.time() < deadline:
+            time.sleep(self.settings.node_check_interval)
+            online = self.observe_sites(grid)
+            if len(online) >= need:
+                return
+        raise RoundFailed(
+            f"{what}: {len(online)} of the {need} sites needed were online for {self.settings.site_wait:.0f} s"
+        )
+
+    def observe_sites(self, grid: Grid) -> set[int]:
+        """The sites online now (Flower: a heartbeat within its last 2 intervals); a site gone since the last look
+        is recorded as dropped, and a dropped site seen again as rejoined, each once and under its name."""
+        now = set(grid.get_node_ids())
+        if self.online is not None:
+            for node in sorted(self.online - now):
+                self.site_dropped(node, "no longer online (its heartbeats stopped)")
+        for node in sorted(now & self.dropped):
+            self.site_back(node, "back online")
+        self.online = now
+        return now
+
+    def site_dropped(self, node: int, why: str) -> None:
+        if node in self.dropped:
+            return
+        self.dropped.add(node)
+        if self.online is not None:
+            self.online.discard(node)
+        self.note("site-dropped", why, self.identify(node, None).name)
+
+    def site_back(self, node: int, how: str) -> None:
+        """Note a dropped site back online."""
+        if node in self.dropped:
+            self.dropped.discard(node)
+            self.note("site-rejoined", how, self.identify(node, None).name)
+
+    def note(self, kind: str, message: str, site: str | None = None) -> None:
+        """An event in the store, a log line, and a line on stdout (`fedecho server run` streams it)."""
+        self.store.add_event(self.run_id, kind, message, site=site)
+        line = f"site {site} {message}" if site else message
+        log.info("%s: %s", kind, line)
+        print(f"{kind}: {line}", flush=True)
 
     # ------------------------------------------------------------------ round
     def one_round(self, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, strategy: Strategy) -> None:
@@ -266,7 +368,7 @@ class FederatedRun:
         schedule_server_lr(strategy, self.server_peak_lr, round_lr(pcfg, server_round) / pcfg.lr)
         planned = list(strategy.configure_train(server_round, out.fp32, config, grid))
         messages = self.address(planned, out, MessageType.TRAIN)
-        replies = self.exchange(grid, messages)
+        replies = self.exchange(grid, messages, need=self.quorum)
         expected = {k: v.shape for k, v in master.items()}
         results = [self.check_train_reply(msg, reply, expected) for msg, reply in replies]
         self.one_reply_per_site(results)
@@ -274,12 +376,13 @@ class FederatedRun:
         if out.frozen_digest:
             self.holding_frozen.update(r.node_id for r in results if r.status == "ok")
         accepted = sorted((r for r in results if r.status == "ok"), key=lambda r: r.site)
-        if len(accepted) < self.min_sites:
+        if len(accepted) < self.quorum:
             for r in results:
                 self._record_site(phase, server_round, "train", r)
-            raise RoundFailed(
+            raise TooFewReplies(
                 f"{phase} round {server_round}: {len(accepted)} of {len(messages)} sites answered, "
-                f"{self.min_sites} needed"
+                f"{self.quorum} needed",
+                retry=any(r.status == "failed" for r in results),
             )
         # Each accepted update becomes the site's full weights (fp32 master + update) for the strategy.
         contents = []
@@ -296,7 +399,7 @@ class FederatedRun:
             contents.append(Message(content, r.node_id, MessageType.TRAIN))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, contents)
         if new_arrays is None:
-            raise RoundFailed(f"{phase} round {server_round}: the strategy returned no model")
+            raise TooFewReplies(f"{phase} round {server_round}: the strategy returned no model", retry=False)
         new_state = {k: torch.from_numpy(np.array(new_arrays[k].numpy(), dtype=np.float32)) for k in keys}
         model.load_state_dict(new_state, strict=False)
         for r in results:
@@ -340,7 +443,7 @@ class FederatedRun:
                 status = "refused" if reply.error.code == ERROR_REFUSED else "failed"
                 if status == "refused":
                     self.store.add_event(self.run_id, "refused", str(reply.error.reason), site=site)
-                return SiteReply(site, node, status, reason=str(reply.error.reason), bytes_down=down)
+                return SiteReply(site, node, status, reason=_error_reason(reply), bytes_down=down)
             content = reply.content
             arrays = content.get("arrays")
             if isinstance(arrays, ArrayRecord):
@@ -442,15 +545,17 @@ class FederatedRun:
             messages.append(Message(RecordDict({"arrays": arrays, "config": m.content["config"]}), node, message_type))
         return messages
 
-    def exchange(self, grid: Grid, messages: list[Message]) -> list[tuple[Message, Message | None]]:
-        """Send, then collect replies until all are in or the deadline passes (a site that died
-        mid-round costs at most the round timeout; Flower itself answers for sites it knows are gone).
+    def exchange(self, grid: Grid, messages: list[Message], need: int = 1) -> list[tuple[Message, Message | None]]:
+        """Send, then collect replies until all are in or the deadline passes.
 
-        Flower also answers "node unavailable" for a SuperNode whose last heartbeat is stale, as every
-        one is for a while after the SuperLink restarts, although the SuperNode has reconnected and
-        takes messages. Such a site is asked again every `resend_interval` seconds for `resend_for`
-        seconds (two heartbeat intervals) while the deadline allows; a site that really died
-        costs that much, not the round timeout."""
+        Every `node_check_interval` seconds it looks at the sites Flower lists online:
+        - a site that was (re)activated after its message was sent restarted and lost that message: it is
+          sent again at once (a crashed site restarted within seconds never went offline in Flower's eyes);
+        - Flower answers "node unavailable" for a site whose heartbeats stopped (two missed intervals): the
+          site is recorded as dropped, and its message is sent again as soon as it is online again (after a
+          SuperLink restart every site is briefly stale although it has reconnected). Such a site is waited
+          for at most `resend_for` seconds, and not at all once every other site has answered and `need` of
+          them with content: a dead site then costs its detection, not the round timeout."""
         if not messages:
             return []
         ids = list(grid.push_messages(messages))
@@ -460,36 +565,52 @@ class FederatedRun:
                 self.trace.record("sent", m)
         got: dict[str, Message] = {}
         deadline = time.time() + self.timeout
-        pending = dict(zip(ids, ids, strict=True))  # message id now awaited -> the first one's id
-        resend: dict[str, float] = {}  # first id -> when to send it again
-        unavailable_since: dict[str, float] = {}
-        while (pending or resend) and time.time() < deadline:
+        pending = {i: (i, time.time()) for i in ids}  # message id now awaited -> (the first one's id, sent at)
+        offline: dict[str, tuple[float, Message]] = {}  # first id -> (since when, Flower's unavailable reply)
+        next_check = time.time() + self.settings.node_check_interval
+
+        def send_again(first: str) -> None:
+            m = by_id[first]
+            again = Message(m.content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id)
+            (new_id,) = grid.push_messages([again])
+            pending[new_id] = (first, time.time())
+            if self.trace is not None:
+                self.trace.record("sent", again)
+
+        while (pending or offline) and time.time() < deadline:
             for reply in grid.pull_messages(list(pending)):
-                first = pending.pop(reply.metadata.reply_to_message_id, None)
+                first, _ = pending.pop(reply.metadata.reply_to_message_id, (None, 0.0))
                 if first is None:
                     continue
                 if self.trace is not None:
                     self.trace.record("received", reply)
-                now = time.time()
-                since = unavailable_since.setdefault(first, now) if _unavailable(reply) else None
-                again_at = now + self.settings.resend_interval
-                if since is not None and again_at < min(deadline, since + self.settings.resend_for):
-                    resend[first] = again_at
+                if _unavailable(reply):
+                    node = by_id[first].metadata.dst_node_id
+                    self.site_dropped(node, "stopped answering: Flower reports it offline (no heartbeat)")
+                    offline[first] = (offline.get(first, (time.time(), reply))[0], reply)
                 else:
                     got[first] = reply
-            for first, when in list(resend.items()):
-                if time.time() >= when:
-                    del resend[first]
-                    m = by_id[first]
-                    again = Message(
-                        m.content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id
-                    )
-                    (new_id,) = grid.push_messages([again])
-                    pending[new_id] = first
-                    if self.trace is not None:
-                        self.trace.record("sent", again)
-                    log.info("node %d was reported unavailable: sent its message again", m.metadata.dst_node_id)
-            if pending or resend:
+            if time.time() >= next_check:
+                next_check = time.time() + self.settings.node_check_interval
+                activated = _activations(grid)
+                for mid, (first, sent) in list(pending.items()):
+                    node = by_id[first].metadata.dst_node_id
+                    if activated.get(node, 0.0) > sent:  # restarted since: the message it held is gone
+                        del pending[mid]
+                        self.site_dropped(node, "restarted: the message it was working on is lost")
+                        self.site_back(node, "back online after a restart: its message was sent again")
+                        send_again(first)
+                answered = sum(1 for r in got.values() if r.has_content())
+                for first, (since, reply) in list(offline.items()):
+                    node = by_id[first].metadata.dst_node_id
+                    if node in activated:  # back online: ask again
+                        del offline[first]
+                        self.site_back(node, "back online: its message was sent again")
+                        send_again(first)
+                    elif time.time() >= since + self.settings.resend_for or (not pending and answered >= need):
+                        del offline[first]
+                        got[first] = reply
+            if pending or offline:
                 time.sleep(self.settings.poll_interval)
         return [(by_id[i], got.get(i)) for i in ids]
 
@@ -509,22 +630,11 @@ class FederatedRun:
         messages = self.address(planned, out, MessageType.EVALUATE)
         results = [self.check_evaluate_reply(msg, reply) for msg, reply in self.exchange(grid, messages)]
         self.one_reply_per_site(results, "evaluate")
-        totals: dict[str, float] = {}
-        weight = 0.0
         for r in results:
             self._record_site(phase, server_round, "evaluate", r)
-            if r.status != "ok":
-                continue
-            if out.frozen_digest:
+            if r.status == "ok" and out.frozen_digest:
                 self.holding_frozen.add(r.node_id)
-            n = r.metrics["num-examples"]
-            if n > 0:
-                weight += n
-                for k, v in r.metrics.items():
-                    if k != "num-examples" and math.isfinite(v):
-                        totals[k] = totals.get(k, 0.0) + n * v
-        means = {k: v / weight for k, v in totals.items()} if weight else {}
-        return {k: v for k, v in means.items() if math.isfinite(v)}  # finite metrics can still overflow a sum
+        return weighted_means([r.metrics for r in results if r.status == "ok"])
 
     def check_evaluate_reply(self, msg: Message, reply: Message | None) -> SiteReply:
         """A site's evaluation reply: ok, failed, or rejected (a bad count or metric, a borrowed name, anything
@@ -540,7 +650,8 @@ class FederatedRun:
             who = self.identify(node, reply)
             site = who.name
             if reply.has_error():
-                return SiteReply(site, node, "failed", reason=str(reply.error.reason), bytes_down=down)
+                status = "refused" if reply.error.code == ERROR_REFUSED else "failed"
+                return SiteReply(site, node, status, reason=_error_reason(reply), bytes_down=down)
             if who.problem:
                 raise UpdateError(who.problem)
             if "metrics" not in reply.content:
@@ -573,6 +684,55 @@ class FederatedRun:
             return {}
         metrics = evaluate(model, held, list(tasks))
         return {f"server_{k}": v for k, v in metrics.items() if k != "videos"}
+
+
+SITES_SUFFIX = ".sites"  # `<metric>.sites`: how many sites a federated evaluation mean is over
+
+
+def weighted_means(replies: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the sites' replies, weighted by their `num-examples`, over only the sites where it is
+    defined: a site whose value is NaN (e.g. AUROC of a validation split with one class) is left out of that
+    metric's mean and of its weight, never counted as 0. `<metric>.sites` says how many sites each mean is over."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    sites: dict[str, int] = {}
+    for metrics in replies:
+        n = float(metrics.get("num-examples", 0))
+        if not n > 0:
+            continue
+        for k, v in metrics.items():
+            if k == "num-examples" or not math.isfinite(v):
+                continue
+            totals[k] = totals.get(k, 0.0) + n * v
+            weights[k] = weights.get(k, 0.0) + n
+            sites[k] = sites.get(k, 0) + 1
+    out: dict[str, float] = {}
+    for k, total in totals.items():
+        mean = total / weights[k]
+        if math.isfinite(mean):  # finite metrics can still overflow a sum
+            out[k] = mean
+            out[k + SITES_SUFFIX] = float(sites[k])
+    return out
+
+
+def _activations(grid: Grid) -> dict[int, float]:
+    """node id -> when Flower last activated it (epoch seconds; 0 when unknown), for the sites online now."""
+    out: dict[int, float] = {}
+    for info in grid.get_nodes():
+        when = 0.0
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            if info.last_activated_at:
+                when = datetime.fromisoformat(info.last_activated_at).timestamp()
+        out[int(info.node_id)] = when
+    return out
+
+
+OFFLINE_REASON = "offline: the site stopped sending heartbeats (crashed, stopped or cut off) and did not come back"
+
+
+def _error_reason(reply: Message) -> str:
+    """A failed reply's reason in the store: fedecho's words for Flower's "node unavailable", else the site's."""
+    return OFFLINE_REASON if _unavailable(reply) else str(reply.error.reason)
 
 
 def _unavailable(reply: Message) -> bool:

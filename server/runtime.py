@@ -131,13 +131,9 @@ def executor(
 
     check_flower()
     threading.Thread(target=watch_refusals, args=(load_server_config(server),), daemon=True).start()
-    children: list[subprocess.Popen[bytes]] = []
 
-    def launch(token: str) -> None:
-        children[:] = [c for c in children if c.poll() is None]
-        child = subprocess.Popen(runner_argv(address, root_certificates, server), stdin=subprocess.PIPE)
-        hand_token(child, token)
-        children.append(child)
+    def launch(token: str) -> None:  # hand_token reaps the runner when its task ends (no zombie is left)
+        hand_token(subprocess.Popen(runner_argv(address, root_certificates, server), stdin=subprocess.PIPE), token)
 
     serve(address, secret_file, "flwr-serverapp", launch, parent_pid=parent_pid, root_certificates=root_certificates)
 

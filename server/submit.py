@@ -9,6 +9,7 @@ ServerApp needs. Each submission keeps its folder under <state>/submissions/ as 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
@@ -26,9 +27,16 @@ from fedecho._proc import flower_bin, flower_env
 from fedecho._toml import read_toml
 from fedecho.server.config import CONNECTION, DEFAULT_MAX_EXAMPLES, ServerConfig
 
+if TYPE_CHECKING:
+    from fedecho.storage.store import RunRow
+
 SERVERAPP = "fedecho.server.app:app"
 CLIENTAPP = "fedecho.client.app:app"
 APP_NAME = "fedecho-run"
+
+
+class NothingToResume(Exception):
+    """The run to resume has already finished: there is nothing to submit (not an error)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,26 @@ class Submission:
     flower_run_id: int
     status: str  # Flower's status, e.g. "finished:completed", "finished:failed"; "" when unknown
     returncode: int
+    run_status: str = ""  # the fedecho run's status in the store once the stream ended ("" when unknown)
+    message: str = ""  # and its message (why it paused or failed)
+
+
+EXIT_PAUSED = 3  # `fedecho server run|resume`: the run paused (too few sites); `fedecho server resume` continues it
+
+
+def fedecho_outcome(cfg: ServerConfig, flower_run_id: int) -> tuple[str, str]:
+    """(status, message) of the fedecho run a Flower run carried, from the store; ("", "") when it has none. A
+    paused run ends its Flower run normally (it is not a crash): Flower's status cannot tell it from a finished one."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fedecho.storage.store import Store, StoreMissing
+
+    try:
+        with Store(coordinator_store(cfg), create=False) as store:
+            rows = [r for r in store.list_runs() if r.flower_run_id == flower_run_id]
+    except (SQLAlchemyError, StoreMissing):
+        return "", ""
+    return (rows[-1].status, rows[-1].message) if rows else ("", "")
 
 
 def app_config(cfg: ServerConfig, run_toml_text: str, resume: int = 0) -> dict[str, Any]:
@@ -49,6 +77,9 @@ def app_config(cfg: ServerConfig, run_toml_text: str, resume: int = 0) -> dict[s
         "fedecho-resume": int(resume),
         "fedecho-round-timeout": float(cfg.round_timeout),
         "fedecho-min-sites": int(cfg.min_sites),
+        "fedecho-quorum": int(cfg.quorum),
+        "fedecho-site-wait": float(cfg.site_wait),
+        "fedecho-round-retries": int(cfg.round_retries),
         "fedecho-eval-data": str(cfg.eval_data) if cfg.eval_data else "",
         "fedecho-store": cfg.store or "",
     }
@@ -101,11 +132,12 @@ def build_app_dir(
     """
     if run_toml is None and not resume:
         raise ValueError("a new run needs its run TOML file")
+    stored = run_to_resume(cfg, resume).config_toml if resume else ""
     if run_toml is not None:
         read_toml(run_toml)  # a broken run file fails here, naming the file, not inside the ServerApp
         text = Path(run_toml).read_text()
     else:
-        text = stored_run_toml(cfg, resume)
+        text = stored
     label = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run_toml).stem if run_toml else "run")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     folder = cfg.state / "submissions" / f"{stamp}-{label}{f'-resume{resume}' if resume else ''}"
@@ -122,18 +154,67 @@ def build_app_dir(
     return folder
 
 
-def stored_run_toml(cfg: ServerConfig, run_id: int) -> str:
-    """The run file the coordinator's store recorded for fedecho run `run_id` (what a resume continues)."""
-    from fedecho.storage.store import Store, StoreMissing, store_url
+def coordinator_store(cfg: ServerConfig) -> str:
+    """The SQLAlchemy URL of the coordinator's store: [server].store, else SQLite in the state folder (the one
+    URL every command reading the coordinator's runs uses; nothing is created)."""
+    from fedecho.storage.store import state_db_path
+
+    return cfg.store or f"sqlite:///{state_db_path(cfg.state)}"
+
+
+def run_to_resume(cfg: ServerConfig, run_id: int) -> RunRow:
+    """The store's record of fedecho run `run_id`, checked to be resumable: an unknown run (or no store yet) raises
+    ValueError, a finished one NothingToResume. Checked before anything is submitted."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fedecho.storage.store import Store, StoreMissing
 
     try:
-        with Store(store_url(cfg.state, cfg.store), create=False) as store:
-            return store.get_run(run_id).config_toml
-    except (KeyError, StoreMissing) as e:
-        raise ValueError(f"cannot resume run {run_id}: {e.args[0]}") from e
+        with Store(coordinator_store(cfg), create=False) as store:
+            row = store.get_run(run_id)
+    except SQLAlchemyError as e:  # a database server that does not answer, a driver missing
+        raise ValueError(f"cannot resume run {run_id}: cannot read the store of {cfg.path}: {e}") from e
+    except StoreMissing as e:
+        raise ValueError(f"cannot resume run {run_id}: {e} (no run has been submitted to this coordinator)") from e
+    except KeyError as e:
+        raise ValueError(
+            f"cannot resume run {run_id}: {e.args[0]} in {cfg.state} (`fedecho runs list --server {cfg.path}` "
+            "lists the runs)"
+        ) from e
+    if row.status == "finished":
+        raise NothingToResume(f"run {run_id} is already finished; nothing to resume")
+    return row
+
+
+def record_submission(cfg: ServerConfig, sub: Submission, fedecho_run_id: int) -> None:
+    """Append which fedecho run a Flower run carried to STATE/submissions/runs.jsonl: the store keeps only a run's
+    latest Flower run id, and `fedecho server status` names the fedecho run of each Flower run, resumed ones too."""
+    line = {"flower_run_id": sub.flower_run_id, "fedecho_run_id": fedecho_run_id, "app_dir": sub.app_dir.name}
+    with open(cfg.state / "submissions" / SUBMISSIONS_LOG, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def submitted_runs(cfg: ServerConfig) -> dict[int, int]:
+    """Flower run id -> fedecho run id, as `record_submission` wrote them (unknown ones are left out)."""
+    found: dict[int, int] = {}
+    try:
+        lines = (cfg.state / "submissions" / SUBMISSIONS_LOG).read_text().splitlines()
+    except OSError:
+        return found
+    for text in lines:
+        try:
+            entry = json.loads(text)
+            flower, fedecho_id = int(entry["flower_run_id"]), int(entry["fedecho_run_id"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if flower and fedecho_id:
+            found[flower] = fedecho_id
+    return found
 
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
+_FEDECHO_RUN = re.compile(r"(?:^|\s)fedecho run (\d+): ")  # the ServerApp's first line (fedecho.server.app)
+SUBMISSIONS_LOG = "runs.jsonl"
 
 
 def flwr_run(
@@ -174,7 +255,10 @@ def flwr_run(
         except SuperLinkError:
             status = ""
     failed = rc != 0 or not run_id or (stream and status != "finished:completed")
-    return Submission(app_dir, run_id, status, 1 if failed and rc == 0 else rc)
+    run_status, message = fedecho_outcome(cfg, run_id) if run_id and stream else ("", "")
+    if not failed and run_status == "paused":
+        return Submission(app_dir, run_id, status, EXIT_PAUSED, run_status, message)
+    return Submission(app_dir, run_id, status, 1 if failed and rc == 0 else rc, run_status, message)
 
 
 def submit_run(
@@ -187,6 +271,20 @@ def submit_run(
     serverapp: str = SERVERAPP,
     clientapp: str = CLIENTAPP,
 ) -> Submission:
-    """Submit a new run (resume=0) or the resumption of fedecho run `resume`, streaming its log until it ends."""
+    """Submit a new run (resume=0) or the resumption of fedecho run `resume`, streaming its log until it ends.
+
+    Resuming a finished run raises NothingToResume, an unknown one ValueError, before anything is submitted."""
     app_dir = build_app_dir(cfg, run_toml, resume, serverapp=serverapp, clientapp=clientapp)
-    return flwr_run(cfg, app_dir, stream=stream, echo=echo)
+    echo = echo or (lambda line: print(line, file=sys.stdout, flush=True))
+    fedecho_run_id = [resume]
+
+    def watch(line: str) -> None:
+        if not fedecho_run_id[0] and (m := _FEDECHO_RUN.search(line)):
+            fedecho_run_id[0] = int(m.group(1))
+        echo(line)
+
+    sub = flwr_run(cfg, app_dir, stream=stream, echo=watch)
+    if sub.flower_run_id:
+        with contextlib.suppress(OSError):  # a convenience for `fedecho server status`, never a reason to fail
+            record_submission(cfg, sub, fedecho_run_id[0])
+    return sub

@@ -25,7 +25,7 @@ from flwr.app import Context
 
 from fedecho.client.app import build_client_app
 from fedecho.client.local import Site
-from fedecho.client.policy import SitePolicy
+from fedecho.client.policy import DEFAULT_POLICY, SitePolicy
 from fedecho.data.source import detect_source, open_source
 from fedecho.fl.config import FedRunConfig
 from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy
@@ -44,8 +44,9 @@ class SimSites:
     partitioned: bool
     cache: Path
     state: Path
-    policies: dict[str, SitePolicy] = field(default_factory=dict)  # by site name; others: the default policy
+    policies: dict[str, SitePolicy] = field(default_factory=dict)  # by site name; others: `policy`
     privacy: dict[str, PrivacyPolicy] = field(default_factory=dict)  # [privacy] by site name; others: default
+    policy: SitePolicy = DEFAULT_POLICY  # the policy of every site `policies` does not name
 
     def __call__(self, context: Context) -> Site:
         return self.site(int(context.node_config["partition-id"]))
@@ -57,7 +58,7 @@ class SimSites:
             cache=self.cache,
             state=self.state / "sites" / self.names[k],
             partition=(k, len(self.names)) if self.partitioned else None,
-            policy=self.policies.get(self.names[k]),
+            policy=self.policies.get(self.names[k], self.policy),
             privacy=self.privacy.get(self.names[k], DEFAULT_PRIVACY),
         )
 
@@ -110,8 +111,13 @@ def simulate(
     on_round: Any = None,
     policies: dict[str, SitePolicy] | None = None,
     privacy: dict[str, PrivacyPolicy] | None = None,
+    default_policy: SitePolicy = DEFAULT_POLICY,
 ) -> int:
-    """Run a federated simulation to the end; returns the fedecho run id (in the store)."""
+    """Run a federated simulation to the end; returns the fedecho run id (in the store).
+
+    Every virtual site enforces a site policy as a deployed one does: its own from `policies`, else
+    `default_policy` (by default a deployed site's default, `fedecho.client.policy.DEFAULT_POLICY`, which
+    refuses updates and metrics from fewer than 10 videos)."""
     from flwr.simulation import run_simulation
 
     state = Path(state).resolve()
@@ -119,13 +125,14 @@ def simulate(
     names, folders, partitioned = site_layout(data, sites)
     folders = [f.resolve() for f in folders]
     site_resolver = SimSites(
-        names, folders, partitioned, state / "cache", state, dict(policies or {}), dict(privacy or {})
+        names, folders, partitioned, state / "cache", state, dict(policies or {}), dict(privacy or {}), default_policy
     )
     settings = ServerSettings(
         state=state,
         store_url=store_url(state, store),
         round_timeout=round_timeout,
         min_sites=len(names) if cfg.run.fraction >= 1 else 1,
+        quorum=len(names) if cfg.run.fraction >= 1 else 1,  # virtual sites do not drop out
         eval_data=eval_data,
         eval_cache=state / "cache",
         mode="simulation",

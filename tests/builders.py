@@ -12,6 +12,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
+from fedecho.client.policy import SMALL_PHANTOM_POLICY
+
+TINY_DATA = SMALL_PHANTOM_POLICY  # the test phantoms are tiny: their sites loosen the default minimums explicitly
+
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,7 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
         ('[server]\naddress = "h:1"\nmin_site = 2\n', "unknown field(s) min_site"),
         ('[server]\nlisten = "h:1"\n', "missing the required field 'address'"),
         ('[server]\naddress = "h:99999"\n', "[server].address bad port"),
-        ("[sever]\n", "unknown table(s) sever"),
+        ("[sever]\n", "unknown section [sever] (did you mean [server]?)"),
         ('[server]\naddress = "h:1"\ncontrol = "10.0.0.5:9193"\n', "[server].control must be a loopback address"),
         ('[server]\naddress = "h:1"\nlisten = "0.0.0.0:9093"\ncontrol = "127.0.0.1:9093"\n', "is the public front's"),
     ]:

@@ -22,7 +22,7 @@ import torch
 from deploy_helpers import Deployment, kill_group, make_deployment
 from safetensors.torch import load_file
 
-from builders import tiny_run
+from builders import TINY_DATA, tiny_run
 from fedecho._proc import spawn, stop, tail, wait_for
 from fedecho.fl.config import parse_run_config
 from fedecho.server.checkpoints import strategy_path
@@ -245,7 +245,10 @@ def test_deployed_run_resumed_after_a_coordinator_restart_equals_an_uninterrupte
     threads = torch.get_num_threads()
     monkeypatch.setenv("FEDECHO_THREADS", "1")  # simulate() sets it; monkeypatch restores it
     try:
-        whole = simulate(parse_run_config(RUN_TOML, "tiny"), federated_phantom, tmp_path / "sim", cpus_per_site=1.0)
+        whole = simulate(
+            parse_run_config(RUN_TOML, "tiny"), federated_phantom, tmp_path / "sim", cpus_per_site=1.0,
+            default_policy=TINY_DATA,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # the simulated ServerApp ran in this process
 

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 from safetensors.torch import load_file
 
-from builders import tiny_run
+from builders import TINY_DATA, tiny_run
 from fedecho.fl.config import parse_run_config, round_lr
 from fedecho.fl.exchange import SCALE_PREFIX, UpdateError, decode, encode, exchanged_keys, frozen_keys, wire_round
 from fedecho.fl.strategies import (
@@ -48,7 +48,7 @@ from fedecho.train import ConfigError
         ),
         (('[model]\nname = "echo_vit_tiny"', '[model]\nname = "echo_vit_huge"'), "[model]"),
         (("rounds = 2", 'rounds = "two"'), "[pretrain].rounds must be an integer"),
-        (("[run]", "[runn]"), "unknown section(s) runn"),
+        (("[run]", "[runn]"), "unknown section [runn] (did you mean [run]?)"),
         (("steps = 1\nbatch_size = 2", 'optimizer = "adam"\nsteps = 1\nbatch_size = 2'), "[pretrain].optimizer"),
         (('[strategy]\nname = "fedavg"', '[strategy]\nname = "fedadam"'), "[model].stf_norm"),
     ],
@@ -289,7 +289,9 @@ def _final_model(store: Store, run_id: int) -> dict[str, torch.Tensor]:
 def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Path) -> None:
     cfg = parse_run_config(tiny_run(wire="float16"), "tiny")
     # the server also scores each round's global model on a held-out set of its own
-    run_id = simulate(cfg, federated_phantom, tmp_path / "state", eval_data=federated_phantom / "site02")
+    run_id = simulate(
+        cfg, federated_phantom, tmp_path / "state", eval_data=federated_phantom / "site02", default_policy=TINY_DATA
+    )
     store = Store(f"sqlite:///{tmp_path / 'state' / 'fedecho.db'}")
     run = store.get_run(run_id)
     assert run.status == "finished" and run.mode == "simulation"
@@ -333,22 +335,22 @@ def _ray_processes() -> list[str]:
 def test_resumed_run_equals_an_uninterrupted_one(federated_phantom: Path, tmp_path: Path) -> None:
     text = tiny_run(strategy="fedadam", pretrain_rounds=3, finetune_rounds=0, freeze=False)
     cfg = parse_run_config(text, "tiny")
-    whole = simulate(cfg, federated_phantom, tmp_path / "a")
+    whole = simulate(cfg, federated_phantom, tmp_path / "a", default_policy=TINY_DATA)
 
     def stop_after_round_2(phase: str, server_round: int, summary: dict[str, object]) -> None:
         if server_round == 2:
             raise RoundFailed("stopped by the test after round 2")
 
     with pytest.raises(RoundFailed):
-        simulate(cfg, federated_phantom, tmp_path / "b", on_round=stop_after_round_2)
+        simulate(cfg, federated_phantom, tmp_path / "b", on_round=stop_after_round_2, default_policy=TINY_DATA)
     store = Store(f"sqlite:///{tmp_path / 'b' / 'fedecho.db'}")
     (stopped,) = store.list_runs()
-    assert stopped.status == "stopped" and [r.round for r in store.rounds(stopped.id)] == [1, 2]
+    assert stopped.status == "paused" and [r.round for r in store.rounds(stopped.id)] == [1, 2]
     # corrupt round 2's checkpoint: resume must notice and fall back to round 1
     ck2 = store.checkpoints(stopped.id)[0]
     assert ck2.round == 2
     Path(ck2.path).write_bytes(Path(ck2.path).read_bytes()[:-8] + b"\0" * 8)
-    resumed = simulate(cfg, federated_phantom, tmp_path / "b", resume=stopped.id)
+    resumed = simulate(cfg, federated_phantom, tmp_path / "b", resume=stopped.id, default_policy=TINY_DATA)
     assert resumed == stopped.id and store.get_run(stopped.id).status == "finished"
     assert [r.round for r in store.rounds(stopped.id)] == [1, 2, 3]
     assert any(e.kind == "checkpoint-invalid" for e in store.events(stopped.id))

@@ -10,9 +10,12 @@ from a Flower home of its own, with no access to the coordinator's files.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import ssl
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -192,8 +195,81 @@ def test_sites_train_through_the_front_and_the_coordinator_works(federation: Dep
     assert res.exit_code == 0, res.output
     assert "public front up" in res.output and "finished:completed" in res.output
     assert res.output.count("online") >= 2 and "site01" in res.output and "site02" in res.output
+    # both run ids on one row: fedecho's (with its name and status from the store) and Flower's
+    assert re.search(rf"\b{run.id}\s.*tiny\s.*finished\s.*{run.flower_run_id}\s.*finished:completed", res.output)
     res = runner.invoke(app, ["audit", "--state", str(cfg.state), "--access"], env=wide)
     assert res.exit_code == 0 and "register-node" in res.output, res.output
+    res = runner.invoke(app, ["runs", "show", str(run.id), "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 0 and "tiny" in res.output and str(run.flower_run_id) in res.output, res.output
+    # resuming the finished run submits nothing
+    flower_runs = len(list_runs(cfg))
+    res = runner.invoke(app, ["server", "resume", str(run.id), "--server", str(cfg.path)], env=wide)
+    assert res.exit_code == 0 and f"run {run.id} is already finished; nothing to resume" in res.output, res.output
+    assert len(list_runs(cfg)) == flower_runs
+    # no runner the run started is left unreaped, at the coordinator or at a site
+    assert federation.coordinator is not None
+    procs = [*federation.coordinator.procs.values(), *federation.supernodes.values()]
+    assert wait_for(lambda: not _zombies([p.pid for p in procs]), 15.0), _zombies([p.pid for p in procs])
+
+
+def test_flowers_cli_as_documented_talks_to_the_coordinator(federation: Deployment, tmp_path: Path) -> None:
+    """`fedecho server flwr -- ls`, and `flwr ls` with FLWR_HOME=STATE/flwr, list the coordinator's runs over TLS
+    and never start Flower's own local SuperLink (what plain `flwr ls` does with ~/.flwr)."""
+    cfg = federation.server
+    runs = {str(r["run-id"]) for r in list_runs(cfg)}
+    before = _local_superlinks()
+    fedecho = str(Path(sys.executable).parent / "fedecho")
+    wrapped = subprocess.run(
+        [fedecho, "server", "flwr", "--server", str(cfg.path), "--", "ls", "--format", "json"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    by_hand = subprocess.run(
+        [flower_bin("flwr"), "ls", "--format", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FLWR_HOME": str(cfg.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+             "FLWR_DISABLE_UPDATE_CHECK": "1"}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    for res in (wrapped, by_hand):
+        assert res.returncode == 0 and not _failed(res), res.stdout + res.stderr
+        listed = json.loads(res.stdout[res.stdout.find("{") :])["runs"]
+        assert {str(r["run-id"]) for r in listed} == runs, (listed, runs)  # the earlier tests' runs
+    assert _local_superlinks() <= before
+    assert not (cfg.flwr_home / "local-superlink").exists()
+
+
+def _zombies(roots: list[int]) -> list[str]:
+    """Exited but unreaped processes (state Z) among the descendants of roots, as 'pid (name) of parent'."""
+    parent: dict[int, int] = {}
+    state: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2 :].split()
+            parent[int(entry.name)], state[int(entry.name)] = int(fields[1]), fields[0]
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        for child in (c for c, p in parent.items() if p == pid):
+            if state[child] == "Z":
+                found.append(f"{child} of {pid}")
+            todo.append(child)
+    return found
+
+
+def _local_superlinks() -> set[int]:
+    """Flower's own local SuperLinks (`flower-superlink --insecure --simulation`, what `flwr` starts for its
+    default `local` connection), by pid."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(a.endswith(b"flower-superlink") for a in argv) and b"--simulation" in argv:
+            found.add(int(entry.name))
+    return found
 
 
 def test_only_the_coordinator_adds_or_removes_a_site(federation: Deployment, tmp_path: Path) -> None:

@@ -4,13 +4,16 @@ Flower's central-DP wrapper)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from typer.testing import CliRunner
 
-from builders import tiny_run
+from builders import TINY_DATA, tiny_run
+from fedecho.cli import app as cli
 from fedecho.client.config import load_site_config
 from fedecho.client.local import Site, site_train
 from fedecho.data import open_source
@@ -18,8 +21,17 @@ from fedecho.fl.config import parse_run_config
 from fedecho.fl.strategies import build_strategy, load_strategy_state, strategy_state
 from fedecho.models import create_model
 from fedecho.privacy.dp import PrivateTraining, check_private_model
-from fedecho.privacy.dp_policy import DPPlan, PrivacyPolicy, PrivacyRefused, plan_round, privacy_units
+from fedecho.privacy.dp_policy import (
+    DPPlan,
+    PrivacyPolicy,
+    PrivacyRefused,
+    kept_units,
+    plan_round,
+    privacy_units,
+    unit_in_force,
+)
 from fedecho.privacy.ledger import PrivacyLedger, epsilon_of
+from fedecho.report import run_tables
 from fedecho.sim.run import simulate
 from fedecho.storage import Store
 from fedecho.train import ConfigError, Trainer
@@ -135,12 +147,83 @@ def test_site_privacy_table_errors_name_file_and_field(tmp_path: Path) -> None:
     f.write_text(base + '[privacy]\ndp = "required"\nmin_noise_multiplier = 1.0\nepsilon_max = 3\ndelta = 1e-6\n')
     p = load_site_config(f).privacy
     assert p.dp == "required" and p.epsilon_max == 3.0 and p.delta == 1e-6
+    f.write_text(base + '[privacy]\nunit = "video"\n')
+    assert load_site_config(f).privacy.unit == "video"
     for bad, field in (("dp = \"maybe\"", "dp"), ("delta = 2.0", "delta"), ("epsilon = 1", "epsilon"),
-                       ('dp = "required"', "min_noise_multiplier")):  # fmt: skip
+                       ('dp = "required"', "min_noise_multiplier"), ('unit = "study"', "unit"),
+                       ("unti = \"video\"", "unti (did you mean 'unit'?)"),
+                       ("group_by_patient = true", 'group_by_patient is replaced by unit = "patient"')):  # fmt: skip
         f.write_text(base + f"[privacy]\n{bad}\n")
         with pytest.raises(ConfigError, match=str(f)) as e:
             load_site_config(f)
         assert "[privacy]" in str(e.value) and field in str(e.value)
+
+
+# ------------------------------------------------------------------ the privacy unit
+
+REQUIRED = PrivacyPolicy(dp="required", min_noise_multiplier=1.0)
+
+
+def test_the_unit_is_the_patient_wherever_every_training_video_has_a_patient_id() -> None:
+    run_dp = parse_run_config(tiny_run()).dp  # the run asks for nothing: the site requires DP
+    ids = ["p1", "p1", "p2", "p3"]
+    plan = plan_round(REQUIRED, run_dp, ids, 2, 1, 1)
+    assert plan is not None and plan.unit == "patient" and plan.units == ((0, 1), (2,), (3,))
+    assert plan.sample_rate == pytest.approx(2 / 3)  # patients are sampled, not videos
+    assert unit_in_force(REQUIRED, ids) == (
+        "patient",
+        "unit not set: every one of the 4 training videos has a patient id",
+    )
+    some = ["p1", None, "p2"]
+    plan = plan_round(REQUIRED, run_dp, some, 2, 1, 1)
+    assert plan is not None and plan.unit == "video" and len(plan.units) == 3
+    assert unit_in_force(REQUIRED, some)[1] == "unit not set: 1 of 3 training videos have no patient id"
+    chosen = PrivacyPolicy(dp="required", min_noise_multiplier=1.0, unit="video")
+    plan = plan_round(chosen, run_dp, ids, 2, 1, 1)
+    assert plan is not None and plan.unit == "video" and unit_in_force(chosen, ids)[1].startswith("the site's choice")
+    with pytest.raises(PrivacyRefused, match=r'unit = "patient" but 1 of 3 training videos have no patient id'):
+        plan_round(PrivacyPolicy(dp="required", min_noise_multiplier=1.0, unit="patient"), run_dp, some, 2, 1, 1)
+
+
+def test_videos_that_do_not_decode_leave_the_reserved_mechanism_unchanged() -> None:
+    plan = DPPlan(1.0, 1.0, 0.5, 4, 2, ((0, 1), (2,), (3,)), "patient", 1e-5)
+    kept = kept_units(plan, [0, 2, 3])  # video 1 did not decode: indices shift, its patient keeps video 0
+    assert kept.units == ((0,), (1,), (2,))
+    assert (kept.noise_multiplier, kept.sample_rate, kept.steps, kept.batch_size) == (1.0, 0.5, 4, 2)
+    assert kept_units(plan, [1, 3]).units == ((0,), (1,))  # patient 2's only video gone: the unit goes
+
+
+def test_a_dicom_site_trains_per_patient_and_says_so(dicom_phantom: Path, tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        f'[site]\nname = "s2"\ndata = "{dicom_phantom / "site02"}"\ncache = "cache"\nstate = "state"\n'
+        "[policy]\nmin_videos = 1\nmin_patients = 1\n"
+        '[privacy]\ndp = "required"\nmin_noise_multiplier = 1.0\n'
+    )
+    cfg = load_site_config(path)
+    site = Site("s2", cfg.data, cfg.cache, cfg.state, policy=cfg.policy, privacy=cfg.privacy)
+    model = create_model("echo_vit_tiny", decoder=True, num_frames=8)
+    received = {k: v.float() for k, v in model.state_dict().items()}
+    options = {"seed": 1, "lr": 1e-3, "server-round": 1, "run-id": 3}
+    _, metrics = site_train(parse_run_config(tiny_run()), "pretrain", received, site, options)
+    assert metrics["dp_per_patient"] == 1.0 and metrics["epsilon"] > 0
+    (entry,) = PrivacyLedger(cfg.state).entries()
+    assert entry.unit == "patient"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["audit", "--site", str(path), "--ledger"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0 and "patient" in res.output and "per patient" in res.output, res.output
+    res = runner.invoke(cli, ["audit", "--site", str(path), "--ledger", "--json"])
+    assert [(r["unit"], r["status"]) for r in json.loads(res.output)] == [("patient", "spent")]
+    # the run report's per-site table names the unit each site's epsilon protects
+    store = Store(f"sqlite:///{tmp_path / 'fedecho.db'}")
+    run = store.create_run("r", "")
+    store.add_site_result(run, "pretrain", 1, "s2", "train", status="ok", metrics=metrics, num_examples=1,
+                          bytes_down=0, bytes_up=0)  # fmt: skip
+    store.add_site_result(run, "pretrain", 1, "s3", "train", status="ok", metrics={**metrics, "dp_per_patient": 0.0},
+                          num_examples=1, bytes_down=0, bytes_up=0)  # fmt: skip
+    (table,) = [t for t in run_tables(store, run) if t.title == "per-site results"]
+    col = table.header.index("privacy unit")
+    assert [row[col] for row in table.rows] == ["patient", "video"]
 
 
 # ------------------------------------------------------------------ the ledger
@@ -172,7 +255,7 @@ def test_ledger_composes_across_restarts_like_opacus(tmp_path: Path) -> None:
 
 def _site_round(phantom: Path, state: Path, privacy: PrivacyPolicy, run_text: str) -> tuple[dict, dict]:  # type: ignore[type-arg]
     cfg = parse_run_config(run_text)
-    site = Site("site01", phantom / "site01", state / "cache", state / "site01", privacy=privacy)
+    site = Site("site01", phantom / "site01", state / "cache", state / "site01", policy=TINY_DATA, privacy=privacy)
     options = {"seed": 1, "lr": 1e-3, "server-round": 1, "run-id": 7}
     model = create_model("echo_vit_tiny", decoder=True, num_frames=8)
     received = {k: v.float() for k, v in model.state_dict().items()}
@@ -194,11 +277,14 @@ def test_site_refuses_before_training_and_a_crash_keeps_the_reservation(
     with pytest.raises(PrivacyRefused, match=r"epsilon_max 0\.01"):
         _site_round(federated_phantom, tmp_path, required, tiny_run())
     assert not calls and PrivacyLedger(tmp_path / "site01").entries() == []
+    # refused before any video was read: no file hashed, no frame decoded into the cache
+    assert not [f for f in (tmp_path / "cache").rglob("*") if f.is_file()]
 
     # a round that fits: trained with DP, epsilon reported, ledger row spent
     ok = PrivacyPolicy(dp="required", min_noise_multiplier=1.0, epsilon_max=1e3)
     _, metrics = _site_round(federated_phantom, tmp_path, ok, tiny_run())
     assert calls and metrics["epsilon"] > 0 and metrics["delta"] == 1e-5 and metrics["dp_noise_multiplier"] == 1.0
+    assert metrics["dp_per_patient"] == 0.0  # the EchoNet layout has no patient ids: the unit is the video
     entries = PrivacyLedger(tmp_path / "site01").entries()
     assert [(e.status, e.run, e.round) for e in entries] == [("spent", "tiny (run 7)", 1)]
     assert metrics["epsilon"] == pytest.approx(epsilon_of([entries[0].mechanism], 1e-5))
@@ -231,7 +317,7 @@ def test_simulated_dp_run_reports_epsilon_and_refuses_a_spent_site(federated_pha
     q = 2 / _train_videos(federated_phantom / "site02")
     one, two = epsilon_of([(1.0, q, 1)], 1e-5), epsilon_of([(1.0, q, 2)], 1e-5)
     privacy = {"site02": PrivacyPolicy(epsilon_max=(one + two) / 2)}
-    run_id = simulate(cfg, federated_phantom, tmp_path / "state", privacy=privacy)
+    run_id = simulate(cfg, federated_phantom, tmp_path / "state", privacy=privacy, default_policy=TINY_DATA)
     store = Store(f"sqlite:///{tmp_path / 'state' / 'fedecho.db'}")
     assert store.get_run(run_id).status == "finished"
     train = {(r.phase, r.round, r.site): r for r in store.site_results(run_id) if r.kind == "train"}
@@ -263,6 +349,6 @@ def test_central_dp_wraps_the_strategy(federated_phantom: Path, tmp_path: Path) 
         'name = "fedavg"', 'name = "fedavg"\ncentral_dp = "fixed"\nnoise_multiplier = 0.1\nclipping_norm = 5.0\n'
         "num_sampled_clients = 2"
     )  # fmt: skip
-    run_id = simulate(parse_run_config(text), federated_phantom, tmp_path / "state")
+    run_id = simulate(parse_run_config(text), federated_phantom, tmp_path / "state", default_policy=TINY_DATA)
     store = Store(f"sqlite:///{tmp_path / 'state' / 'fedecho.db'}")
     assert store.get_run(run_id).status == "finished" and len(store.rounds(run_id)) == 1

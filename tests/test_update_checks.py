@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load_file
 
-from builders import tiny_run
+from builders import TINY_DATA, tiny_run
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.exchange import UpdateError, adaptive_norm_bound, claimed_examples, decode, encode, reply_metrics
 from fedecho.server.app import settings_from_run_config
@@ -91,8 +91,8 @@ def test_server_caps_claimed_examples_and_carries_the_caps_to_the_server_app(tmp
     assert shipped.max_examples == DEFAULT_MAX_EXAMPLES and not shipped.max_examples_per_site
     assert set(app_config(shipped, "")) == {
         "fedecho-run-toml", "fedecho-state", "fedecho-resume", "fedecho-round-timeout", "fedecho-min-sites",
-        "fedecho-eval-data", "fedecho-store",
-    }  # defaults: a submission's config is unchanged  # fmt: skip
+        "fedecho-eval-data", "fedecho-store", "fedecho-quorum", "fedecho-site-wait", "fedecho-round-retries",
+    }  # defaults: no examples caps travel  # fmt: skip
     path = tmp_path / "server.toml"
     base = '[server]\naddress = "127.0.0.1:9093"\n'
     path.write_text(base + "max_examples = 500\n[server.max_examples_per_site]\nalpha = 9000\n")
@@ -289,11 +289,11 @@ def test_simulated_site_tampering_after_honest_training_changes_nothing(
 
     text = tiny_run(pretrain_rounds=6, finetune_rounds=0, freeze=False).replace("[run]", "[run]\nmin_sites = 1")
     cfg = parse_run_config(text, "tiny")
-    honest = sim.simulate(cfg, federated_phantom, tmp_path / "honest", sites=1)
+    honest = sim.simulate(cfg, federated_phantom, tmp_path / "honest", sites=1, default_policy=TINY_DATA)
     real, plan = sim.build_client_app, tamper.parse_plan(SIM_PLAN)
     monkeypatch.setattr(sim, "build_client_app", lambda resolve: tamper.misbehaving(real(resolve), plan, "site02"))
     monkeypatch.setenv("PYTHONPATH", str(Path(tamper.__file__).parent))  # Ray's workers import tamper
-    run_id = sim.simulate(cfg, federated_phantom, tmp_path / "attacked")
+    run_id = sim.simulate(cfg, federated_phantom, tmp_path / "attacked", default_policy=TINY_DATA)
     store = Store(f"sqlite:///{tmp_path / 'attacked' / 'fedecho.db'}")
     ref = Store(f"sqlite:///{tmp_path / 'honest' / 'fedecho.db'}")
     assert store.get_run(run_id).status == "finished"

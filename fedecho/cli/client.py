@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -9,11 +10,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedecho._proc import LogFollower, stop, stop_on_signals
+from fedecho._proc import stop, stop_on_signals
 from fedecho._toml import ConfigFileError
 from fedecho.cli.server import insecure_warning
-from fedecho.client.config import load_site_config
-from fedecho.client.supernode import SuperNodeError, node_id_in_log, refused_in_log, start_supernode
+from fedecho.client.config import SiteConfig, load_site_config, settings_in_force
+from fedecho.client.supernode import (
+    SuperNodeError,
+    SuperNodeWatch,
+    check_site_files,
+    claim_site,
+    start_supernode,
+    wait_for_coordinator,
+)
 
 app = typer.Typer(help="Hospital site: run the SuperNode that trains on this site's data.", no_args_is_help=True)
 console = Console()
@@ -34,58 +42,75 @@ def start(
 ) -> None:
     """Start this site's SuperNode: it connects to the SuperLink and trains when a run asks it to.
 
-    Runs in the foreground until Ctrl-C. Patient video never leaves the site; only model updates do.
+    Runs in the foreground until Ctrl-C (or SIGTERM), which stops every process it started. Patient video never
+    leaves the site; only model updates do. A second site on this machine may not share this one's state or cache
+    folder, private key or SuperNode port.
 
     Example: fedecho client start --site site.toml
     """
+    from fedecho.client.audit import audit_start
+
     try:
         cfg = load_site_config(site)
+        settings = settings_in_force(cfg)  # checks the data folder too: missing or empty is an error here
     except ConfigFileError as e:
         raise _fail(e) from e
     if insecure:
         if not cfg.superlink_is_loopback:
             raise _fail(f"--insecure is refused: [superlink].address {cfg.superlink} in {cfg.path} is not loopback")
         insecure_warning(f"site {cfg.name}'s SuperNode")
-    if not cfg.data.exists():
-        console.print(f"[yellow]warning:[/] {escape(f'{cfg.path}: [site].data = {cfg.data} does not exist (yet)')}")
+    console.print(f"site {cfg.name}: settings in force", highlight=False)
+    for line in settings:
+        console.print(f"  {escape(line)}", highlight=False)
     stop_on_signals()
     log = cfg.logs / "supernode.log"
-    follower = LogFollower.from_end(log)
     try:
-        proc = start_supernode(cfg, insecure, log)
+        if not insecure:
+            check_site_files(cfg)
+        with claim_site(cfg, insecure) as claim:  # before anything is written: a clashing second site stops here
+            audit_start(cfg, settings)  # what was in force when the site joined, for its auditors
+            wait_for_coordinator(cfg, insecure, lambda text: console.print(f"[yellow]{escape(text)}[/]"))
+            proc = start_supernode(cfg, insecure, log, claim)  # the launcher holds the site's locks from here on
     except (SuperNodeError, OSError) as e:
         raise _fail(e) from e
-    console.print(f"site {cfg.name}: SuperNode dialling {cfg.superlink} (state {cfg.state}, log {log})")
-    console.print(f"policy: {escape(cfg.policy.describe())}", highlight=False)
-    connected, code = False, 0
-    try:
-        while proc.poll() is None:
-            for line in follower.read_new():
-                if not quiet:
-                    console.print(f"[dim]{cfg.name} |[/] {escape(line)}", highlight=False)
-            if not connected and (node_id := node_id_in_log(log)) is not None:
-                connected = True
-                console.print(f"[green]connected[/] as node {node_id}. Ctrl-C to stop.")
-            time.sleep(0.5)
-        for line in follower.read_new():
-            if not quiet:
-                console.print(f"[dim]{cfg.name} |[/] {escape(line)}", highlight=False)
-        code = proc.returncode or 1
-        if refused_in_log(log):
-            Console(stderr=True).print(
-                f"[red]error:[/] the SuperLink refused site {cfg.name}: its public key "
-                f"({cfg.public_key or 'NAME.pub'}) must be in the coordinator's keys folder and registered "
-                "(`fedecho server start` registers them)"
-            )
-        else:
-            Console(stderr=True).print(f"[red]error:[/] the SuperNode exited with code {proc.returncode} (log: {log})")
     except KeyboardInterrupt:
-        console.print("stopping the SuperNode ...")
-    finally:
-        stop(proc)
+        raise typer.Exit(0) from None
+    code = _supervise(cfg, proc, log, insecure, quiet)
     if code:
         raise typer.Exit(code)
     console.print(f"SuperNode of site {cfg.name} stopped")
+
+
+def _supervise(cfg: SiteConfig, proc: subprocess.Popen[bytes], log: Path, insecure: bool, quiet: bool) -> int:
+    """Echo the SuperNode's log of this start, say what happened in it, until it exits or Ctrl-C/SIGTERM; then
+    stop it and everything it started. Returns the exit code for `fedecho client start`."""
+    err = Console(stderr=True)
+    watch = SuperNodeWatch(cfg, log, insecure)
+    try:
+        console.print(f"site {cfg.name}: SuperNode dialling {cfg.superlink} (state {cfg.state}, log {log})")
+        while True:
+            exited = proc.poll() is not None
+            for event in watch.poll():
+                if event.kind == "line" and not quiet:
+                    console.print(f"[dim]{cfg.name} |[/] {escape(event.text)}", highlight=False)
+                elif event.kind == "connected":
+                    console.print(f"[green]connected[/] as node {event.node_id}. Ctrl-C to stop.")
+                elif event.kind in ("released", "waiting", "reached"):
+                    console.print(f"[yellow]{escape(event.text)}[/]", highlight=False)
+                elif event.kind == "refused":
+                    err.print(f"[red]error:[/] {escape(event.text)}", highlight=False)
+            if exited:
+                break
+            time.sleep(0.5)
+        if watch.refusal is None:
+            how = f"was killed (signal {-proc.returncode})" if proc.returncode < 0 else f"exited ({proc.returncode})"
+            err.print(f"[red]error:[/] the SuperNode of site {cfg.name} {how} (log: {log})")
+        return proc.returncode if proc.returncode > 0 else 1
+    except KeyboardInterrupt:
+        console.print("stopping the SuperNode ...")
+        return 0
+    finally:
+        stop(proc)
 
 
 @app.command("approve")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fedecho.cli.runs import STATE, STORE, fail, open_store
+from fedecho.cli.runs import SERVER, STATE, STORE, fail, open_store
 from fedecho.report import write_report
 
 
@@ -16,12 +16,13 @@ def report(
     out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Folder for index.html and its PNG plots."),
     state: Path | None = STATE,
     store: str | None = STORE,
+    server: Path | None = SERVER,
 ) -> None:
     """Write an HTML report of one run: loss, per-site metrics, bytes and privacy plots, and all its tables.
 
-    Example: fedecho report 3 --out reports/run3   (then open reports/run3/index.html)
+    Example: fedecho report 1 --server configs/server.toml --out reports/run1   (then open reports/run1/index.html)
     """
-    s = open_store(state, store)
+    s = open_store(state, store, server)
     try:
         page = write_report(s, run_id, out)
     except KeyError as e:

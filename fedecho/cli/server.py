@@ -1,10 +1,13 @@
-"""`fedecho server start|run|resume|status`: the coordinator's SuperLink, run submission, federation status."""
+"""`fedecho server start|run|resume|status|flwr`: the coordinator's SuperLink, run submission, federation status."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import typer
@@ -12,12 +15,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
-from fedecho._proc import LogFollower, stop_on_signals
+from fedecho._proc import LogFollower, flower_bin, flower_env, stop_on_signals
 from fedecho._toml import ConfigFileError
 from fedecho.server.config import ServerConfig, load_server_config
 from fedecho.server.front import FrontError, front_health
-from fedecho.server.submit import submit_run
+from fedecho.server.submit import (
+    EXIT_PAUSED,
+    NothingToResume,
+    coordinator_store,
+    run_to_resume,
+    submit_run,
+    submitted_runs,
+)
 from fedecho.server.superlink import (
     Coordinator,
     SuperLinkError,
@@ -28,7 +39,9 @@ from fedecho.server.superlink import (
     read_registry,
     register_sites,
     unregister_site,
+    write_connection,
 )
+from fedecho.storage.store import RunRow, Store, StoreMissing
 
 app = typer.Typer(help="Coordinator: run the SuperLink, submit runs, show the federation.", no_args_is_help=True)
 SERVER = typer.Option(Path("configs/server.toml"), "--server", "-s", help="Server config (TOML).")
@@ -218,14 +231,37 @@ def _require_up(cfg: ServerConfig) -> None:
         raise _fail(f"no SuperLink answers at {cfg.control}: start it with `fedecho server start --config {cfg.path}`")
 
 
+def _quorum_note(cfg: ServerConfig, run_toml: Path | None) -> str:
+    """A line for the operator when a single site outage would pause the run: its quorum (the run file's
+    [run].min_sites, else [server].quorum) is not below the number of registered sites ("" when it is)."""
+    quorum = cfg.quorum
+    if run_toml is not None:
+        with contextlib.suppress(OSError, ValueError):  # the run file is checked properly when it is submitted
+            run = tomllib.loads(run_toml.read_text()).get("run", {})
+            quorum = int(run.get("min_sites", 0) or 0) or quorum
+    sites = len(read_registry(cfg))
+    if not sites or quorum < sites:
+        return ""
+    return (
+        f"quorum {quorum} with {sites} registered site(s): a round needs every site, so any one site's outage pauses "
+        f"this run (it resumes with `fedecho server resume`). Lower [server].quorum in {cfg.path} (or the run file's "
+        "[run].min_sites) to let rounds go on without a site."
+    )
+
+
 def _submit(cfg: ServerConfig, run_toml: Path | None, resume: int, detach: bool) -> None:
     _require_up(cfg)
+    if note := _quorum_note(cfg, run_toml):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if cfg.trace_messages:
         console.print(f"tracing every message of the run into {cfg.state / 'trace'}", highlight=False)
     try:
         sub = submit_run(
             cfg, run_toml, resume, stream=not detach, echo=lambda line: console.print(escape(line), highlight=False)
         )
+    except NothingToResume as e:  # finished meanwhile
+        console.print(escape(str(e)), highlight=False)
+        return
     except (ConfigFileError, SuperLinkError, OSError, ValueError) as e:
         raise _fail(e) from e
     except KeyboardInterrupt:
@@ -240,6 +276,8 @@ def _submit(cfg: ServerConfig, run_toml: Path | None, resume: int, detach: bool)
     console.print(
         f"[{style}]Flower run {sub.flower_run_id}: {sub.status or 'unknown status'}[/] (bundle {sub.app_dir})"
     )
+    if sub.returncode == EXIT_PAUSED:
+        Console(stderr=True).print(f"[yellow]paused:[/] {escape(sub.message)}", highlight=False)
     if sub.returncode:
         raise typer.Exit(sub.returncode)
 
@@ -252,30 +290,42 @@ def run(
 ) -> None:
     """Submit a federated run to the SuperLink and stream its progress until it ends.
 
-    Example: fedecho server run --config configs/fed_phantom.toml --server configs/server.toml
+    Example: fedecho server run --config configs/quickstart.toml --server configs/server.toml
     """
     _submit(_load(server), config, 0, detach)
 
 
 @app.command("resume")
 def resume(
-    run_id: int = typer.Argument(..., min=1, help="fedecho run id to resume (see `fedecho runs`)."),
+    run_id: int = typer.Argument(
+        ..., min=1, help="fedecho run id to resume (`fedecho runs list --server configs/server.toml` lists them)."
+    ),
     server: Path = SERVER,
     config: Path | None = typer.Option(
         None, "--config", "-c", exists=True, dir_okay=False, help="Run file (default: the one the store holds)."
     ),
     detach: bool = typer.Option(False, "--detach", help="Submit and return; do not stream the run's log."),
 ) -> None:
-    """Resume an interrupted fedecho run from its last completed round.
+    """Resume an interrupted fedecho run from its last completed round. A finished run has nothing to resume:
+    the command says so and submits nothing.
 
-    Example: fedecho server resume 3 --server configs/server.toml
+    Example: fedecho server resume 1 --server configs/server.toml
     """
-    _submit(_load(server), config, run_id, detach)
+    cfg = _load(server)
+    try:
+        run_to_resume(cfg, run_id)  # before the SuperLink is asked anything: an unknown or finished run is not sent
+    except NothingToResume as e:
+        console.print(escape(str(e)), highlight=False)
+        return
+    except ValueError as e:
+        raise _fail(e) from e
+    _submit(cfg, config, run_id, detach)
 
 
 @app.command("status")
 def status(server: Path = SERVER) -> None:
-    """Show the SuperLink, the sites (registered / online / offline) and the runs.
+    """Show the SuperLink, the sites (registered / online / offline) and the runs, by fedecho's run id (what
+    `fedecho runs`, `report` and `server resume` take) and Flower's.
 
     Example: fedecho server status --server configs/server.toml
     """
@@ -310,17 +360,71 @@ def status(server: Path = SERVER) -> None:
         if node_id not in named:
             sites.add_row("(unnamed)", node_id, *_node_cols(node))
     console.print(sites)
-    table = Table(title="runs (Flower)")
-    for col in ("run id", "status", "elapsed", "started", "finished"):
+    fedecho_runs, by_flower = _fedecho_runs(cfg)
+    table = Table(title="runs")
+    for col in ("fedecho run", "name", "status", "Flower run", "Flower status", "elapsed", "started", "finished"):
         table.add_column(col)
     for r in runs:
         st = str(r.get("status", ""))
         style = "green" if st == "finished:completed" else "red" if "failed" in st or "stopped" in st else "yellow"
+        ours = fedecho_runs.get(by_flower.get(_int(r.get("run-id")), 0))
+        mine = f"[{RUN_STYLE.get(ours.status, 'red')}]{ours.status}[/]" if ours else ""
         table.add_row(
+            str(ours.id) if ours else "-", escape(ours.name) if ours else "", mine,
             str(r.get("run-id", "")), f"[{style}]{st}[/]", f"{float(r.get('elapsed', 0.0)):.0f} s",
             str(r.get("running-at", "")), str(r.get("finished-at", "")),
         )  # fmt: skip
     console.print(table)
+
+
+RUN_STYLE = {"finished": "green", "running": "yellow", "paused": "yellow"}  # else red (failed, stopped)
+
+
+def _int(value: object) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return 0
+
+
+def _fedecho_runs(cfg: ServerConfig) -> tuple[dict[int, RunRow], dict[int, int]]:
+    """The coordinator's fedecho runs by id, and Flower run id -> fedecho run id: the store's (each run's latest
+    Flower run) over what each submission recorded (a resumed run's earlier Flower runs). Empty without a store."""
+    try:
+        with Store(coordinator_store(cfg), create=False) as store:
+            rows = {r.id: r for r in store.list_runs()}
+    except (StoreMissing, SQLAlchemyError):
+        rows = {}
+    by_flower = submitted_runs(cfg)
+    by_flower.update({r.flower_run_id: r.id for r in rows.values() if r.flower_run_id})
+    return rows, by_flower
+
+
+PASS_ON = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@app.command("flwr", context_settings=PASS_ON)
+def flwr_cli(ctx: typer.Context, server: Path = SERVER) -> None:
+    """Run Flower's own CLI (`flwr`, the arguments after --) against this coordinator's SuperLink: its loopback
+    control address over TLS checked against the federation CA, with telemetry and update checks off.
+
+    It runs in the state folder with FLWR_HOME=STATE/flwr, whose only connection, the default, is the
+    coordinator's. Plain `flwr` reads ~/.flwr instead, where Flower's default connection ("local") starts a
+    local insecure SuperLink of its own in the background; this command never starts one.
+
+    Examples: fedecho server flwr --server configs/server.toml -- ls;
+    fedecho server flwr --server configs/server.toml -- ls --format json
+    """
+    cfg = _load(server)
+    if not ctx.args:
+        raise _fail("no flwr command: e.g. `fedecho server flwr --server configs/server.toml -- ls`")
+    _require_up(cfg)
+    write_connection(cfg, _insecure(cfg))  # as `fedecho server start` wrote it: nothing else in this FLWR_HOME
+    try:
+        rc = subprocess.run([flower_bin("flwr"), *ctx.args], env=flower_env(cfg.flwr_home), cwd=cfg.state).returncode
+    except OSError as e:
+        raise _fail(f"cannot run flwr: {e}") from e
+    raise typer.Exit(rc)
 
 
 def _node_cols(node: dict[str, object]) -> tuple[str, str, str]:

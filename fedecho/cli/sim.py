@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -36,7 +37,7 @@ def sim(
     sites: int | None = typer.Option(
         None, "--sites", "-k", min=1, help="Virtual sites (default: all site folders, or 3)."
     ),
-    videos: int = typer.Option(90, "--videos", min=3, help="Phantom videos over all sites, when no --data is given."),
+    videos: int = typer.Option(240, "--videos", min=3, help="Phantom videos over all sites, when no --data is given."),
     state: Path = typer.Option(Path(DEFAULT_STATE), "--state", help="State folder: store, checkpoints, caches."),
     store: str | None = typer.Option(None, "--store", help="SQLAlchemy URL of the store (default: SQLite in --state)."),
     resume: int = typer.Option(0, "--resume", help="Continue this stopped run from its last completed round."),
@@ -54,6 +55,7 @@ def sim(
 
     Example: fedecho sim --config configs/quickstart.toml --sites 3
     """
+    from fedecho.server.rounds import RoundFailed
     from fedecho.sim.run import simulate
 
     console = Console()
@@ -86,6 +88,11 @@ def sim(
             )  # fmt: skip
         except (ConfigError, SourceError, CheckpointError, ValueError, KeyError) as e:
             raise _fail(e) from e
+        except RoundFailed as e:  # the run paused (too few sites): the store says so, resumable with --resume
+            Console(stderr=True).print(
+                f"[yellow]paused:[/] {escape(str(e))}; continue it with --resume and the same options"
+            )
+            raise typer.Exit(3) from e
     show_results(Store(store_url(state, store)), run_id, console)
     if compare:
         from fedecho.sim.compare import compare_runs
@@ -99,7 +106,7 @@ def _phantom(state: Path, sites: int, videos: int, console: Console) -> Path:
     out = state / "phantom"
     if not (out / "phantom.json").is_file():
         console.print(f"generating a {sites}-site phantom ({videos} videos) in {out}")
-        synthesize(out, videos=videos, sites=sites, fmt="echonet", seed=0)
+        synthesize(out, videos=videos, sites=sites, fmt="echonet", seed=20)  # 3 sites: 10 validation videos each
     return out
 
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedecho.train.config import ConfigError, PhaseSection, RunConfig, parse_sections, section
+from fedecho._toml import check_sections, did_you_mean
+from fedecho.train.config import RUN_SECTIONS, ConfigError, PhaseSection, RunConfig, parse_sections, section
 
 PHASES = ("pretrain", "finetune")
+FED_SECTIONS = ("run", "strategy", "dp", *RUN_SECTIONS)
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
@@ -93,6 +95,7 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML ({e})") from e
+    check_sections(raw, where, FED_SECTIONS)
     for name in ("pretrain", "finetune"):
         if "warmup_epochs" in raw.get(name, {}):
             raise ConfigError(f"{where}: [{name}].warmup_epochs does not apply to a federated run; use warmup_rounds")
@@ -109,6 +112,8 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
     strategy = raw.get("strategy", {"name": "fedavg"})
     if not isinstance(strategy, dict):
         raise ConfigError(f"{where}: [strategy] must be a table")
+    if "name" in strategy and not isinstance(strategy["name"], str):
+        raise ConfigError(f"{where}: [strategy].name must be a string, not {strategy['name']!r}")
     local = parse_sections(raw, where, FedPhaseSection, frozenset({"run", "strategy", "dp"}))
     dp = section(DPSection, raw.get("dp", {}), f"{where}: [dp]")
     cfg = FedRunConfig(run=run, strategy=strategy, local=local, text=text, dp=dp)
@@ -124,9 +129,36 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
     check_dp(cfg, where)
     from fedecho.fl.strategies import check_strategy
 
+    _check_strategy_keys(cfg, where)
     check_strategy(cfg.strategy_name, cfg.strategy_params, where)
     check_server_optimizer(cfg, where)
     return cfg
+
+
+def _check_strategy_keys(cfg: FedRunConfig, where: str) -> None:
+    """An unknown [strategy] parameter, named with the closest one the strategy (or its central-DP wrapper)
+    takes; the values themselves are `check_strategy`'s."""
+    from fedecho.fl.strategies import (
+        CENTRAL_DP,
+        STRATEGIES,
+        central_dp_parameters,
+        split_strategy_params,
+        strategy_parameters,
+    )
+
+    if cfg.strategy_name not in STRATEGIES:
+        raise ConfigError(
+            f"{where}: [strategy].name {cfg.strategy_name!r} is not one of {', '.join(STRATEGIES)}"
+            + did_you_mean(cfg.strategy_name, STRATEGIES)
+        )
+    own = split_strategy_params(cfg.strategy_params, where)[1]
+    known = set(strategy_parameters(cfg.strategy_name))
+    hints = known | {"name", "central_dp"} | {k for c in CENTRAL_DP for k in central_dp_parameters(c)}
+    for key in sorted(set(own) - known):
+        raise ConfigError(
+            f"{where}: [strategy].{key} is not a parameter of {cfg.strategy_name}{did_you_mean(key, hints)}; "
+            f"known: {', '.join(sorted(known)) or 'none'}"
+        )
 
 
 def check_dp(cfg: FedRunConfig, where: str) -> None:

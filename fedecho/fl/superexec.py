@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,19 @@ ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
 def hand_token(runner: subprocess.Popen[bytes], token: str) -> None:
-    """Give a runner started with stdin=PIPE its task token on stdin (argv is readable by every local user)."""
+    """Give a runner started with stdin=PIPE its task token on stdin (argv is readable by every local user), then
+    reap it when its task ends: nothing else waits for a runner once it has its task, and an exited child that
+    nobody waits for stays in the process table as a zombie for as long as the SuperExec runs (one per round at
+    a site)."""
     assert runner.stdin is not None
     runner.stdin.write(token.encode() + b"\n")
     runner.stdin.close()
+    threading.Thread(target=_reap, args=(runner,), name=f"reap-{runner.pid}", daemon=True).start()
+
+
+def _reap(runner: subprocess.Popen[bytes]) -> None:
+    code = runner.wait()
+    log.debug("runner %d exited with code %d", runner.pid, code)
 
 
 def serve(

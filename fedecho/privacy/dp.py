@@ -1,16 +1,17 @@
 """DP-SGD at the site (Opacus): per-sample clipping and Gaussian noise on every local step.
 
-The privacy unit is one training video: each step Poisson-samples every video independently with rate
-q = batch_size / videos, so one video's presence changes what a round releases by at most (epsilon,
-delta). A patient with k videos is protected only by group privacy (roughly k times epsilon, worse in
-delta). With `group_by_patient` (and patient ids in the data) the unit is a patient: patients are
-sampled, and the gradients of all of a patient's videos in a batch are averaged into one per-patient
-gradient before it is clipped, so the bound holds per patient.
+The privacy unit is a patient wherever the data has patient ids (`fedecho.privacy.dp_policy.unit_in_force`):
+patients are sampled, and the gradients of all of a patient's videos in a batch are averaged into one
+per-patient gradient before it is clipped, so one patient's presence changes what a round releases by at
+most (epsilon, delta). Where the unit is a video (no patient ids, or the site's `unit = "video"`), each
+step Poisson-samples every video independently with rate q = batch_size / videos, and a patient with k
+videos is protected only by group privacy (roughly k times epsilon, worse in delta).
 
 How a round becomes private: `plan_round` decides noise, clipping, sample rate and steps from the site's
-policy and the run file; the site's ledger (`fedecho.privacy.ledger`) reserves the round's privacy cost
-before training; `PrivateTraining` then attaches Opacus (`GradSampleModule` hooks on the model,
-`DPOptimizer` around the Trainer's own optimizer) and a Poisson loader to an unchanged `Trainer`.
+policy, the run file and the data index; `reserve_round` reserves the round's privacy cost in the site's
+ledger (`fedecho.privacy.ledger`) before any video is decoded; `PrivateTraining` then attaches Opacus
+(`GradSampleModule` hooks on the model, `DPOptimizer` around the Trainer's own optimizer) and a Poisson
+loader to an unchanged `Trainer`.
 Sampling and noise draw from the operating system's entropy, never from the run's seed: the server
 knows that seed, and noise it could regenerate would protect nothing (so DP rounds are not bitwise
 reproducible).
@@ -200,6 +201,23 @@ def _add_regularizer(regularizer: Callable[[], torch.Tensor]) -> Callable[[DPOpt
     return hook
 
 
+def reserve_round(
+    model: nn.Module, plan: DPPlan, state: Any, *, run: str, phase: str, server_round: int, epsilon_max: float
+) -> int:
+    """Check that DP-SGD can train the model and reserve the round's privacy cost in the site's ledger; returns the
+    ledger entry. Raises PrivacyRefused, reserving nothing, when the round would exceed the site's budget. It needs
+    the plan only (patient ids from the data index), so the site calls it before any video is decoded."""
+    from fedecho.privacy.ledger import PrivacyLedger
+
+    check_private_model(model)  # refuse before anything is reserved
+    with PrivacyLedger(state) as ledger:
+        entry, _ = ledger.reserve(
+            run=run, phase=phase, round=server_round, noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta, epsilon_max=epsilon_max, unit=plan.unit,
+        )  # fmt: skip
+    return entry
+
+
 def train_private_round(
     trainer: Trainer,
     dataset: Any,
@@ -211,30 +229,34 @@ def train_private_round(
     server_round: int,
     epsilon_max: float,
     workers: int = 0,
+    entry: int | None = None,
 ) -> tuple[Any, dict[str, float]]:
-    """One round of DP-SGD, reserved in the site's ledger before it trains; returns (EpochResult, metrics).
+    """One round of DP-SGD, reserved in the site's ledger before it trains (`entry`: already reserved by
+    `reserve_round`); returns (EpochResult, metrics).
 
     Metrics: the site's total epsilon at its delta after this round (all rounds, runs and restarts), the
-    delta, and the noise, sample rate and steps used: the server stores them per site.
+    delta, the noise, sample rate and steps used, and whether that epsilon holds per patient: the server
+    stores them per site.
     """
     from fedecho.privacy.ledger import PrivacyLedger
 
-    check_private_model(trainer.model)  # refuse before anything is reserved
+    if entry is None:
+        entry = reserve_round(
+            trainer.model, plan, state, run=run, phase=phase, server_round=server_round, epsilon_max=epsilon_max
+        )
     with PrivacyLedger(state) as ledger:
-        entry, _ = ledger.reserve(
-            run=run, phase=phase, round=server_round, noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta, epsilon_max=epsilon_max, unit=plan.unit,
-        )  # fmt: skip
         with PrivateTraining(trainer, plan) as private:
             result = trainer.train_epoch(private.loader(dataset, workers))
         ledger.spend(entry)
         epsilon = ledger.epsilon(plan.delta)
+        per_patient = ledger.per_patient()
     metrics = {
         "epsilon": epsilon,
         "delta": plan.delta,
         "dp_noise_multiplier": plan.noise_multiplier,
         "dp_sample_rate": plan.sample_rate,
         "dp_steps": float(plan.steps),
+        "dp_per_patient": float(per_patient),
     }
     return result, metrics
 
@@ -243,5 +265,6 @@ __all__ = [
     "PrivateTraining",
     "batchnorm_layers",
     "check_private_model",
+    "reserve_round",
     "train_private_round",
 ]

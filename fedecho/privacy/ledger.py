@@ -83,8 +83,8 @@ def epsilon_of(mechanisms: Iterable[Mechanism], delta: float) -> float:
 class PrivacyLedger:
     """The ledger in a site's state folder (STATE/site.db, shared with the site's other tables)."""
 
-    def __init__(self, state: str | Path):
-        self.store = SiteStore(state)
+    def __init__(self, state: str | Path, *, create: bool = True):
+        self.store = SiteStore(state, create=create)  # create=False: SiteStoreMissing where no site.db exists
 
     def close(self) -> None:
         self.store.close()
@@ -102,6 +102,12 @@ class PrivacyLedger:
     def epsilon(self, delta: float, planned: Iterable[Mechanism] = ()) -> float:
         """Epsilon spent so far (reservations included), plus `planned` when given."""
         return epsilon_of([*(e.mechanism for e in self.entries()), *planned], delta)
+
+    def per_patient(self) -> bool:
+        """Whether the site's epsilon holds per patient: every DP round in the ledger had the patient as its unit
+        (one round per video makes the total a per-video bound only: a patient's k videos weaken it k-fold)."""
+        entries = self.entries()
+        return bool(entries) and all(e.unit == "patient" for e in entries)
 
     def reserve(
         self,

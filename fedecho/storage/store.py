@@ -43,7 +43,7 @@ DEFAULT_STATE = "fedecho-state"
 DB_NAME = "fedecho.db"
 BUSY_TIMEOUT_MS = 30_000
 
-RUN_STATUSES = ("running", "stopped", "failed", "finished")
+RUN_STATUSES = ("running", "paused", "stopped", "failed", "finished")  # paused: resumable once sites are back
 PHASE_STATUSES = ("pending", "running", "finished")
 RESULT_KINDS = ("train", "evaluate")
 RESULT_STATUSES = ("ok", "failed", "rejected", "refused")

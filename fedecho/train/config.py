@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedecho._toml import ConfigError
+from fedecho._toml import ConfigError, check_sections, unknown_keys
+
+RUN_SECTIONS = ("model", "data", "pretrain", "finetune")  # a local run file's; a federated one adds its own
 
 
 @dataclass
@@ -108,10 +110,9 @@ def section(cls: type, raw: dict[str, Any], where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    error = unknown_keys(raw, (f.name for f in dataclasses.fields(cls)), where)
+    if error is not None:
+        raise error
     values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
     return cls(**values)
 
@@ -121,13 +122,15 @@ def parse_sections(
 ) -> RunConfig:
     """[model], [data], [pretrain], [finetune] of a parsed run file (local or federated: `extra`
     names the sections the caller reads itself), with the model checked before any data is read."""
-    known = {"model", "data", "pretrain", "finetune", *extra}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    check_sections(raw, where, {*RUN_SECTIONS, *extra})
     model = raw.get("model", {})
     if not isinstance(model, dict):
         raise ConfigError(f"{where}: [model] must be a table")
+    from fedecho.models import ModelConfig
+
+    error = unknown_keys(model, ["name", *(f.name for f in dataclasses.fields(ModelConfig))], f"{where}: [model]")
+    if error is not None:
+        raise error
     cfg = RunConfig(
         model=model,
         data=section(DataSection, raw.get("data", {}), f"{where}: [data]"),
