@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedecho.storage.files import atomic_path
-from fedecho.storage.store import RoundRow, SiteResultRow, Store
+from fedecho.storage.store import SITES_SUFFIX, RoundRow, SiteResultRow, Store
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -71,8 +71,15 @@ def fmt_time(ts: float | None) -> str:
 
 
 def fmt_metrics(metrics: dict[str, Any], skip: Iterable[str] = BOOKKEEPING) -> str:
+    """`name=value` pairs; a federated mean says how many sites it is over (`<name>.sites`): `val_r2=0.5 (2 sites)`."""
     skipped = set(skip)
-    return ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(metrics.items()) if k not in skipped) or "-"
+    shown = []
+    for k, v in sorted(metrics.items()):
+        if k in skipped or k.endswith(SITES_SUFFIX):
+            continue
+        n = metrics.get(k + SITES_SUFFIX)
+        shown.append(f"{k}={fmt_value(v)}" + (f" ({int(n)} site{'s' if n != 1 else ''})" if n is not None else ""))
+    return ", ".join(shown) or "-"
 
 
 def _number(v: object) -> float | None:

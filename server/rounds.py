@@ -72,6 +72,7 @@ from fedecho.server.config import DEFAULT_MAX_EXAMPLES
 from fedecho.server.identity import Identity, SiteNames
 from fedecho.server.trace import MessageTrace
 from fedecho.storage import Store
+from fedecho.storage.store import SITES_SUFFIX
 from fedecho.train import evaluate, make_datasets, pretrain_loss
 from fedecho.train.run import init_encoder
 
@@ -684,9 +685,6 @@ class FederatedRun:
             return {}
         metrics = evaluate(model, held, list(tasks))
         return {f"server_{k}": v for k, v in metrics.items() if k != "videos"}
-
-
-SITES_SUFFIX = ".sites"  # `<metric>.sites`: how many sites a federated evaluation mean is over
 
 
 def weighted_means(replies: list[dict[str, float]]) -> dict[str, float]:

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from fedecho.server.rounds import SITES_SUFFIX, weighted_means
+from fedecho.report import fmt_metrics
+from fedecho.server.rounds import weighted_means
+from fedecho.storage.store import SITES_SUFFIX
 
 
 def test_an_undefined_metric_is_left_out_with_its_weight() -> None:
@@ -26,3 +28,8 @@ def test_an_undefined_metric_is_left_out_with_its_weight() -> None:
 def test_no_site_with_a_value_means_no_mean() -> None:
     means = weighted_means([{"num-examples": 4.0, "val_r2": math.nan}, {"num-examples": 0.0, "val_r2": 0.5}])
     assert means == {}  # a site with no validation videos carries no weight either
+
+
+def test_the_report_says_how_many_sites_a_mean_is_over() -> None:
+    means = weighted_means([{"num-examples": 5.0, "val_auroc": math.nan}, {"num-examples": 3.0, "val_auroc": 1.0}])
+    assert fmt_metrics(means) == "val_auroc=1 (1 site)"

@@ -45,13 +45,14 @@ CONNECTED = re.compile(r"connected as node (\d+)")
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """One coordinator for the module; sites site01 and site02 registered, mallory not (none started)."""
+def dep(federated_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """One coordinator for the module; sites site01 and site02 registered, mallory not (none started). Their data
+    must exist (`fedecho client start` checks it); no run is submitted, so it is never read."""
     dep = make_deployment(tmp_path_factory.mktemp("sites"), min_sites=1)
     try:
         for name in ("site01", "site02"):
-            dep.add_site(name, dep.root / "no-data")
-        dep.add_site("mallory", dep.root / "no-data", register=False)
+            dep.add_site(name, federated_phantom / name)
+        dep.add_site("mallory", federated_phantom / "site01", register=False)
         dep.start_superlink()
         dep.register()
         yield dep

@@ -52,12 +52,15 @@ def start(
 
     try:
         cfg = load_site_config(site)
+    except ConfigFileError as e:
+        raise _fail(e) from e
+    if insecure and not cfg.superlink_is_loopback:
+        raise _fail(f"--insecure is refused: [superlink].address {cfg.superlink} in {cfg.path} is not loopback")
+    try:
         settings = settings_in_force(cfg)  # checks the data folder too: missing or empty is an error here
     except ConfigFileError as e:
         raise _fail(e) from e
     if insecure:
-        if not cfg.superlink_is_loopback:
-            raise _fail(f"--insecure is refused: [superlink].address {cfg.superlink} in {cfg.path} is not loopback")
         insecure_warning(f"site {cfg.name}'s SuperNode")
     console.print(f"site {cfg.name}: settings in force", highlight=False)
     for line in settings:

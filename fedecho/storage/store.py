@@ -43,6 +43,7 @@ DEFAULT_STATE = "fedecho-state"
 DB_NAME = "fedecho.db"
 BUSY_TIMEOUT_MS = 30_000
 
+SITES_SUFFIX = ".sites"  # a round's `<metric>.sites`: how many sites its federated evaluation mean is over
 RUN_STATUSES = ("running", "paused", "stopped", "failed", "finished")  # paused: resumable once sites are back
 PHASE_STATUSES = ("pending", "running", "finished")
 RESULT_KINDS = ("train", "evaluate")
