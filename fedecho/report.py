@@ -70,6 +70,22 @@ def fmt_time(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def fmt_round(summary: dict[str, Any], skip: Iterable[str] = ()) -> str:
+    """A round's one-line summary (`fedecho server run`, `fedecho sim`): `name value` pairs; a federated mean over
+    fewer sites than the others (a metric undefined at some site) says over how many: `val_auroc 0.5 (2 sites)`."""
+    skipped = set(skip)
+    counts = {k: v for k, v in summary.items() if k.endswith(SITES_SUFFIX)}
+    most = max(counts.values(), default=0)
+    shown = []
+    for k, v in summary.items():
+        if k in skipped or k in counts:
+            continue
+        n = counts.get(k + SITES_SUFFIX)
+        text = f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        shown.append(text + (f" ({int(n)} site{'s' if n != 1 else ''})" if n is not None and n < most else ""))
+    return ", ".join(shown)
+
+
 def fmt_metrics(metrics: dict[str, Any], skip: Iterable[str] = BOOKKEEPING) -> str:
     """`name=value` pairs; a federated mean says how many sites it is over (`<name>.sites`): `val_r2=0.5 (2 sites)`."""
     skipped = set(skip)

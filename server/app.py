@@ -27,6 +27,7 @@ from flwr.supercore.run import Run
 from fedecho._env import set_torch_threads
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.packing import QUICK_PULL, pack_message, unpack_message
+from fedecho.report import fmt_round
 from fedecho.server.config import DEFAULT_MAX_EXAMPLES
 from fedecho.server.identity import RegistryNames
 from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
@@ -146,8 +147,7 @@ def quick_reply_pulls(grid: Grid) -> None:
 
 def print_round(phase: str, server_round: int, summary: dict[str, Any]) -> None:
     """One line per round on stdout: `fedecho server run` streams it from the SuperLink."""
-    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-    print(f"{phase} round {server_round}: {shown}", flush=True)
+    print(f"{phase} round {server_round}: {fmt_round(summary)}", flush=True)
 
 
 def build_server_app(

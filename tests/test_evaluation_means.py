@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedecho.report import fmt_metrics
+from fedecho.report import fmt_metrics, fmt_round
 from fedecho.server.rounds import weighted_means
 from fedecho.storage.store import SITES_SUFFIX
 
@@ -33,3 +33,11 @@ def test_no_site_with_a_value_means_no_mean() -> None:
 def test_the_report_says_how_many_sites_a_mean_is_over() -> None:
     means = weighted_means([{"num-examples": 5.0, "val_auroc": math.nan}, {"num-examples": 3.0, "val_auroc": 1.0}])
     assert fmt_metrics(means) == "val_auroc=1 (1 site)"
+    # a round's line names the count only where a mean is over fewer sites than the others
+    means = weighted_means(
+        [
+            {"num-examples": 5.0, "val_auroc": math.nan, "val_mae": 2.0},
+            {"num-examples": 3.0, "val_auroc": 1.0, "val_mae": 4.0},
+        ]
+    )
+    assert fmt_round({"sites": "2/2", **means}) == "sites 2/2, val_mae 2.75, val_auroc 1 (1 site)"

@@ -15,6 +15,7 @@ from rich.table import Table
 from fedecho.data import SourceError
 from fedecho.fl.config import load_fed_run_config
 from fedecho.models import CheckpointError
+from fedecho.report import fmt_round
 from fedecho.storage.store import DEFAULT_STATE, Store, store_url
 from fedecho.train import ConfigError
 
@@ -77,8 +78,8 @@ def sim(
         job = bar.add_task(f"federated {cfg.run.name}", total=total, status="")
 
         def on_round(phase: str, server_round: int, summary: dict[str, Any]) -> None:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float) and k != "seconds")
-            bar.console.print(f"{phase} round {server_round}: sites {summary.get('sites')}  {shown}")
+            numbers = {k: v for k, v in summary.items() if isinstance(v, float) and k != "seconds"}
+            bar.console.print(f"{phase} round {server_round}: sites {summary.get('sites')}  {fmt_round(numbers)}")
             bar.update(job, advance=1, status=f"{phase} {server_round}")
 
         try:
