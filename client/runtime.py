@@ -16,7 +16,7 @@ itself. This module, part of the fedecho the site installed, does instead:
 The hook is a replacement of `pull_task_input` in Flower's `run_clientapp` module, for flwr 1.42.0 (pinned);
 `check_flower` fails loudly if that function ever goes away.
 
-Transport (measured per round, issue 6 item 5): the runner unpacks the message's arrays after the pull and
+Transport (measured per round, see the federation benchmark): the runner unpacks the message's arrays after the pull and
 packs the reply's before the push (`fedecho.fl.packing`: one object per tensor cost 20-60 s a round), retries
 its pull of the arrays sooner than Flower would (`QUICK_PULL`), and `flower-supernode` runs Flower's SuperNode
 with its 3 s idle wait shortened (`_SuperNodeClock`).
