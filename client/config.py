@@ -21,7 +21,7 @@ from typing import Any
 from fedecho._proc import StateFolder, is_loopback
 from fedecho._toml import ConfigError, Table, check_sections, read_toml
 from fedecho.client.policy import DEFAULT_POLICY, SitePolicy, parse_policy
-from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, parse_privacy, unit_in_force
+from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, PrivacyRefused, parse_privacy, unit_in_force
 from fedecho.security.certs import CertError, split_host_port
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -189,8 +189,6 @@ def settings_in_force(cfg: SiteConfig) -> list[str]:
         f"{_origin(cfg, 'privacy', 'min_noise_multiplier')}; clipping bound when a run sets none: "
         f"{pv.max_grad_norm:g}{_origin(cfg, 'privacy', 'max_grad_norm')}"
     )
-    from fedecho.privacy.dp_policy import PrivacyRefused
-
     try:
         unit, how = unit_in_force(pv, index.train_groups)
         lines.append(f"privacy unit: one {unit} ({how})")

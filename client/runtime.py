@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -354,19 +353,13 @@ def supernode(argv: list[str]) -> None:
     sys.exit(flower_supernode())
 
 
-def _port_open(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def _serve_when_up(proc: subprocess.Popen[bytes], address: str, secret_file: Path) -> None:
     """serve() once the SuperNode's Runtime API listens: polling it earlier only fills the log with Flower's
     "Connection attempt failed" lines (the SuperNode takes seconds to start)."""
-    while proc.poll() is None and not _port_open(address):
+    from fedecho._proc import port_in_use
+
+    host, _, port = address.rpartition(":")
+    while proc.poll() is None and not port_in_use(host, int(port)):
         time.sleep(0.2)
     if proc.poll() is None:
         serve(address, secret_file, None)

@@ -512,17 +512,6 @@ class SuperNodeWatch:
         return Event("line", line)
 
 
-def node_id_in_log(log: Path) -> int | None:
-    """The node id the SuperLink gave this SuperNode, once it has connected (from its log of this start)."""
-    match = _NODE_ID.search(tail(log, 400))
-    return int(match.group(1)) if match else None
-
-
-def refused_in_log(log: Path) -> bool:
-    """True when the SuperNode's log (of this start) says the SuperLink refused to activate it."""
-    return bool(_REFUSED.search(tail(log, 400)))
-
-
 def wait_connected(
     proc: subprocess.Popen[bytes],
     log: Path,

@@ -54,18 +54,24 @@ class Submission:
 EXIT_PAUSED = 3  # `fedecho server run|resume`: the run paused (too few sites); `fedecho server resume` continues it
 
 
-def fedecho_outcome(cfg: ServerConfig, flower_run_id: int) -> tuple[str, str]:
-    """(status, message) of the fedecho run a Flower run carried, from the store; ("", "") when it has none. A
-    paused run ends its Flower run normally (it is not a crash): Flower's status cannot tell it from a finished one."""
+def coordinator_runs(cfg: ServerConfig) -> list[RunRow]:
+    """The fedecho runs in the coordinator's store; [] while it has none (or it cannot be read: the callers only
+    add to what Flower says)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from fedecho.storage.store import Store, StoreMissing
 
     try:
         with Store(coordinator_store(cfg), create=False) as store:
-            rows = [r for r in store.list_runs() if r.flower_run_id == flower_run_id]
+            return store.list_runs()
     except (SQLAlchemyError, StoreMissing):
-        return "", ""
+        return []
+
+
+def fedecho_outcome(cfg: ServerConfig, flower_run_id: int) -> tuple[str, str]:
+    """(status, message) of the fedecho run a Flower run carried, from the store; ("", "") when it has none. A
+    paused run ends its Flower run normally (it is not a crash): Flower's status cannot tell it from a finished one."""
+    rows = [r for r in coordinator_runs(cfg) if r.flower_run_id == flower_run_id]
     return (rows[-1].status, rows[-1].message) if rows else ("", "")
 
 

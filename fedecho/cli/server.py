@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
 from fedecho._proc import LogFollower, flower_bin, flower_env, stop_on_signals
 from fedecho._toml import ConfigFileError
@@ -24,7 +23,7 @@ from fedecho.server.front import FrontError, front_health
 from fedecho.server.submit import (
     EXIT_PAUSED,
     NothingToResume,
-    coordinator_store,
+    coordinator_runs,
     run_to_resume,
     submit_run,
     submitted_runs,
@@ -41,7 +40,7 @@ from fedecho.server.superlink import (
     unregister_site,
     write_connection,
 )
-from fedecho.storage.store import RunRow, Store, StoreMissing
+from fedecho.storage.store import RunRow
 
 app = typer.Typer(help="Coordinator: run the SuperLink, submit runs, show the federation.", no_args_is_help=True)
 SERVER = typer.Option(Path("configs/server.toml"), "--server", "-s", help="Server config (TOML).")
@@ -390,11 +389,7 @@ def _int(value: object) -> int:
 def _fedecho_runs(cfg: ServerConfig) -> tuple[dict[int, RunRow], dict[int, int]]:
     """The coordinator's fedecho runs by id, and Flower run id -> fedecho run id: the store's (each run's latest
     Flower run) over what each submission recorded (a resumed run's earlier Flower runs). Empty without a store."""
-    try:
-        with Store(coordinator_store(cfg), create=False) as store:
-            rows = {r.id: r for r in store.list_runs()}
-    except (StoreMissing, SQLAlchemyError):
-        rows = {}
+    rows = {r.id: r for r in coordinator_runs(cfg)}
     by_flower = submitted_runs(cfg)
     by_flower.update({r.flower_run_id: r.id for r in rows.values() if r.flower_run_id})
     return rows, by_flower
