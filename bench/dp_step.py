@@ -11,7 +11,11 @@ train on the GPU under the engine's bf16 autocast (Opacus casts the per-sample g
 parameters' dtype) and a step is timed in wall seconds once the GPU is done: there the work is the
 GPU's, not this process's CPU time. Prints seconds per step and the ratio, and writes
 bench/results/dp_step.json (with the `table` rows `make bench` collects).
-Issue 6's target: at most 1.3x.
+The target: at most 1.3x.
+
+The "lora" phase fine-tunes with LoRA adapters of rank --lora-rank in the encoder (fedecho.models.lora): only
+the adapters, STF-Net and the head train, so only they need per-sample gradients. Its rows also give both of
+its steps against the plain full fine-tuning step of the same model and batch (`vs_full`, `dp_vs_full`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from _table import table_row
 from torch.utils.data import DataLoader, Dataset
 
 from fedecho.models import create_model
+from fedecho.models.lora import LoraSpec, apply_lora
 from fedecho.privacy.dp import PrivateTraining
 from fedecho.privacy.dp_policy import DPPlan
 from fedecho.train import Trainer
@@ -60,12 +65,17 @@ class RandomClips(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         pass
 
 
-def _trainer(model_name: str, phase: str, batch: int, device: torch.device) -> Trainer:
+def _trainer(
+    model_name: str, phase: str, batch: int, device: torch.device, lora_rank: int = 0, head: str = "linear"
+) -> Trainer:
+    """phase "lora": fine-tuning with rank-`lora_rank` adapters in the encoder."""
     torch.manual_seed(0)
-    tasks = ["ef"] if phase == "finetune" else []
-    model = create_model(model_name, decoder=phase == "pretrain", tasks=tasks, stf_norm="group")
+    tasks = [] if phase == "pretrain" else ["ef"]
+    model = create_model(model_name, decoder=phase == "pretrain", tasks=tasks, stf_norm="group", head=head)
+    if phase == "lora":
+        apply_lora(model, LoraSpec(lora_rank))
     cfg = PhaseSection(batch_size=batch, warmup_epochs=0, tasks=["ef"])
-    return Trainer(model, phase, cfg, 1, device=device)  # type: ignore[arg-type]
+    return Trainer(model, "finetune" if phase == "lora" else phase, cfg, 1, device=device)  # type: ignore[arg-type]
 
 
 def _timed(step: Any, device: torch.device) -> float:
@@ -77,10 +87,19 @@ def _timed(step: Any, device: torch.device) -> float:
     return now() - t0
 
 
-def step_seconds(model_name: str, phase: str, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
+def step_seconds(
+    model_name: str,
+    phase: str,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    lora_rank: int = 0,
+    head: str = "linear",
+) -> tuple[float, float]:
     """Median seconds (`_timed`) of a non-private and of a DP-SGD step, the two alternating (after one warm-up
     each)."""
-    plain, private = _trainer(model_name, phase, batch, device), _trainer(model_name, phase, batch, device)
+    plain = _trainer(model_name, phase, batch, device, lora_rank, head)
+    private = _trainer(model_name, phase, batch, device, lora_rank, head)
     mc = plain.model.cfg
     data = RandomClips(batch, mc.num_frames, mc.img_size)
     plan = DPPlan(1.0, 1.0, 1.0, 1, batch, tuple((i,) for i in range(batch)), "video", 1e-5)
@@ -103,20 +122,35 @@ def main() -> None:
     p.add_argument("--configs", default="echo_vit_tiny:8,echo_vit_small:4", help="model:batch, comma-separated")
     p.add_argument("--steps", type=int, default=5, help="timed steps per arm")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--phases", default="pretrain,finetune,lora", help="of pretrain, finetune, lora (comma-separated)")
+    p.add_argument("--lora-rank", type=int, default=8, help="the lora phase's adapter rank")
+    p.add_argument("--head", choices=("linear", "mlp"), default="linear", help="the fine-tuned model's heads")
     add_device_option(p)
     p.add_argument("--out", type=Path, default=Path("bench/results/dp_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
+    phases = [ph for ph in args.phases.split(",") if ph]
+    unknown = sorted(set(phases) - {"pretrain", "finetune", "lora"})
+    if unknown:
+        p.error(f"--phases: unknown {', '.join(unknown)} (pretrain, finetune, lora)")
     for config in [c for c in args.configs.split(",") if c]:
         model, batch = config.split(":")
-        for phase in ("pretrain", "finetune"):
-            plain, private = step_seconds(model, phase, int(batch), args.steps, args.device)
+        full: float | None = None  # the plain full fine-tuning step, the lora rows' reference
+        for phase in phases:
+            plain, private = step_seconds(model, phase, int(batch), args.steps, args.device, args.lora_rank, args.head)
             row = {"model": model, "batch": int(batch), "phase": phase, "plain_s": plain, "dp_s": private}
+            if phase == "finetune":
+                full = plain
+            if phase == "lora":
+                row["lora_rank"] = args.lora_rank
+                if full is None:  # measured here when the finetune phase was not asked for
+                    full = step_seconds(model, "finetune", int(batch), args.steps, args.device, head=args.head)[0]
+                row.update(full_finetune_s=full, vs_full=plain / full, dp_vs_full=private / full)
             rows.append({**row, "ratio": private / plain})
             print(f"{model} batch {batch} {phase}: {plain:.3f} s, DP {private:.3f} s", flush=True)
     table = [
-        table_row("3. DP step", f"DP-SGD / non-private step, {r['model']} batch {r['batch']}, {r['phase']}",
+        table_row("3. DP step", f"DP-SGD / non-private step, {r['model']} batch {r['batch']}, {_label(r)}",
                   round(r["ratio"], 2), "x", f"<= {TARGET}x", r["ratio"] <= TARGET)
         for r in rows
     ]  # fmt: skip
@@ -124,19 +158,28 @@ def main() -> None:
     clock_name = "wall s" if args.device.type == "cuda" else "CPU s"
     summary = {
         "device": str(args.device), "dtype": compute_dtype(args.device), "clock": clock_name,
-        "threads": args.threads, "steps": args.steps, "rows": rows, "table": table,
+        "threads": args.threads, "steps": args.steps, "head": args.head, "rows": rows, "table": table,
     }  # fmt: skip
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"\n{args.device}, {args.threads} threads, {clock_name}, median of {args.steps} alternating steps "
         f"(target: DP at most {TARGET}x)\n"
     )
-    print(f"| model | batch | phase | non-private {clock_name}/step | DP-SGD {clock_name}/step | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| model | batch | phase | non-private {clock_name}/step | DP-SGD {clock_name}/step | ratio "
+        "| non-private / full fine-tuning | DP-SGD / full fine-tuning |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        vs = f"{r['vs_full']:.2f}x | {r['dp_vs_full']:.2f}x" if "vs_full" in r else "| "
         print(
-            f"| {r['model']} | {r['batch']} | {r['phase']} | {r['plain_s']:.3f} | {r['dp_s']:.3f} | {r['ratio']:.2f}x |"
+            f"| {r['model']} | {r['batch']} | {_label(r)} | {r['plain_s']:.3f} | {r['dp_s']:.3f} | {r['ratio']:.2f}x "
+            f"| {vs} |"
         )
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"finetune LoRA r={row['lora_rank']}" if row["phase"] == "lora" else str(row["phase"])
 
 
 if __name__ == "__main__":

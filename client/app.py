@@ -26,6 +26,7 @@ from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
 from fedecho.client.policy import enforce
 from fedecho.fl.config import parse_run_config, round_seed
 from fedecho.fl.exchange import UpdateError, decode, encode
+from fedecho.fl.methods import CONTROL
 from fedecho.fl.packing import unpack
 from fedecho.privacy.dp_policy import PrivacyRefused
 
@@ -92,6 +93,9 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             phase = str(options["phase"])
             # packed by the server (fedecho.fl.packing); the site's runner has already unpacked it, Flower's own not
             received = decode(unpack(msg.content["arrays"]), str(options["wire-dtype"]))
+            control = None
+            if CONTROL in msg.content:  # SCAFFOLD: the server's control variate
+                control = decode(unpack(msg.content[CONTROL]), str(options["wire-dtype"]))
         except (KeyError, ValueError, UpdateError) as e:
             return _error(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
         info = ConfigRecord({"site": site.name})
@@ -100,7 +104,7 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             allowed = enforce(site, cfg, phase, train)  # the site's policy, before any data access
             manifest = manifest_sha256(site.data, site.labels)
             if train:
-                update, metrics = site_train(cfg, phase, received, site, options)
+                update, metrics, change = site_train(cfg, phase, received, site, options, control)
                 rounding = round_seed(int(options["seed"]), phase, 0, f"{site.name}/wire")  # int8's stochastic rounding
                 content = RecordDict(
                     {
@@ -109,6 +113,9 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
                         "info": info,
                     }
                 )
+                if change is not None:
+                    control_seed = round_seed(int(options["seed"]), phase, 0, f"{site.name}/control")
+                    content[CONTROL] = encode(change, str(options["wire-dtype"]), seed=control_seed)
             else:
                 metrics = site_evaluate(cfg, phase, received, site, options)
                 content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
@@ -139,6 +146,12 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return handle(msg, context, train=False)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:  # statistics for the heads (fedecho.fl.statistics)
+        from fedecho.client.statistics import handle_query
+
+        return handle_query(msg, context, resolve)
 
     return app
 

@@ -196,13 +196,15 @@ def audit_message(
     manifest: str | None = None,
     epsilon: float | None = None,
     update: Any = None,
+    message_type: str | None = None,
 ) -> None:
-    """Append the ClientApp's row for one message (site: client.local.Site; update: the ArrayRecord sent)."""
+    """Append the ClientApp's row for one message (site: client.local.Site; update: the ArrayRecord sent;
+    message_type: what to record instead of the message's own type, e.g. a query with its question)."""
     from fedecho.fl.exchange import arrays_sha256
 
     with SiteLog(site.state) as site_log:
         site_log.record(
-            message_type=str(msg.metadata.message_type), decision=decision, reason=reason,
+            message_type=message_type or str(msg.metadata.message_type), decision=decision, reason=reason,
             flower_run_id=int(msg.metadata.run_id),
             run_id=int(options["run-id"]) if "run-id" in options else None,
             round=int(options["server-round"]) if "server-round" in options else None,

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,6 +22,7 @@ from fedecho.client.policy import SitePolicy, enforce_data
 from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
+from fedecho.fl.methods import SiteCarry, control_change, control_keys, run_key, scaffold_correct
 from fedecho.models import EchoVisionFM, create_model
 from fedecho.models.checkpoint import load_state
 from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, kept_units, plan_round
@@ -52,7 +53,10 @@ def build_model(cfg: FedRunConfig, phase: str) -> EchoVisionFM:
     if phase == "pretrain":
         return create_model(local.model_name, decoder=True, **local.model_overrides)
     tasks = list(cfg.phase("finetune").tasks)
-    return create_model(local.model_name, decoder=False, **{**local.model_overrides, "tasks": tasks})
+    model = create_model(local.model_name, decoder=False, **{**local.model_overrides, "tasks": tasks})
+    from fedecho.models.lora import apply_lora, phase_spec
+
+    return apply_lora(model, phase_spec(cfg.phase("finetune")))  # unchanged unless [finetune] lora_rank > 0
 
 
 def load_received(
@@ -82,10 +86,25 @@ def site_datasets(
     return make_datasets(local, model, tasks, site.data, seed, site.partition)
 
 
+class TrainResult(NamedTuple):
+    update: dict[str, torch.Tensor]  # local - received, for the exchanged tensors
+    metrics: dict[str, float]
+    control: dict[str, torch.Tensor] | None = None  # SCAFFOLD: the change of the site's control variate
+
+
 def site_train(
-    cfg: FedRunConfig, phase: str, received: dict[str, torch.Tensor], site: Site, options: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train one round locally; returns (update for the exchanged tensors, metrics).
+    cfg: FedRunConfig,
+    phase: str,
+    received: dict[str, torch.Tensor],
+    site: Site,
+    options: dict[str, Any],
+    control: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train one round locally; returns the update for the exchanged tensors, metrics, and under SCAFFOLD
+    (`control`: the server's control variate) the change of the site's own control variate.
+
+    What a site carries from round to round (its control variate, its optimiser's state) is read from the
+    state saved after the newest earlier round (`fedecho.fl.methods.SiteCarry`), so a replayed round repeats.
 
     Everything that can refuse the round comes before the first video is decoded: the site's policy on the
     training set (counted from the data index) and, under DP-SGD, the round's reservation in the privacy ledger."""
@@ -125,6 +144,23 @@ def site_train(
     trainer = Trainer(model, phase, round_cfg, steps_per_epoch, pick_device(site.device))  # type: ignore[arg-type]
     keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
     start = {k: received[k].to(trainer.device) for k in keys}
+    carry = carried = None
+    if pcfg.scaffold or pcfg.keep_optimizer:
+        carry = SiteCarry(site.state / "carry", run_key(options.get("run-id", "?"), cfg.text), phase)
+        carried = carry.load(server_round)
+    if pcfg.keep_optimizer and "optimizer" in carried:  # the moments only: this round's learning rate stays
+        state = trainer.optimizer.state_dict()
+        state["state"] = carried["optimizer"]
+        trainer.optimizer.load_state_dict(state)
+    own: dict[str, torch.Tensor] = {}
+    if pcfg.scaffold:
+        if control is None:
+            raise ValueError(f"site {site.name}: the phase uses SCAFFOLD but the message has no control variate")
+        ckeys = control_keys(model, keys)
+        own = {k: carried.get("control", {}).get(k, torch.zeros_like(control[k])) for k in ckeys}
+        params = dict(model.named_parameters())
+        pairs = [(params[k], (control[k] - own[k]).to(trainer.device)) for k in ckeys]
+        trainer.after_step = lambda: scaffold_correct(pairs, lr)
     mu = float(options.get("proximal-mu", 0.0))
     if mu > 0:
         params = dict(model.named_parameters())
@@ -149,6 +185,17 @@ def site_train(
         steps, examples, epoch = steps + res.steps, examples + res.examples, epoch + 1
     state = model.state_dict()
     update = {k: (state[k].detach().float() - start[k]).cpu() for k in keys}
+    change = None
+    if pcfg.scaffold:
+        assert control is not None
+        end = {k: state[k].detach().float().cpu() for k in own}
+        change = control_change({k: start[k].cpu() for k in own}, end, control, trainer.updates, lr)
+        own = {k: own[k] + change[k] for k in own}
+    if carry is not None:
+        carry.save(server_round, {
+            "control": own,
+            "optimizer": trainer.optimizer.state_dict()["state"] if pcfg.keep_optimizer else {},
+        })  # fmt: skip
     metrics = {
         "num-examples": float(len(train)),
         "train_loss": sum(losses) / max(steps, 1),
@@ -156,7 +203,7 @@ def site_train(
         "seconds": time.time() - t0,
         **private,
     }
-    return update, metrics
+    return TrainResult(update, metrics, change)
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ from fedecho.fl.exchange import (
     update_norm,
     wire_round,
 )
+from fedecho.fl.methods import CONTROL, ServerControl, control_keys
 from fedecho.fl.strategies import (
     build_strategy,
     load_strategy_state,
@@ -66,10 +67,13 @@ from fedecho.fl.strategies import (
     strategy_state,
 )
 from fedecho.models import EchoVisionFM
+from fedecho.models.checkpoint import load_state
+from fedecho.models.lora import to_lora_state
 from fedecho.privacy.dp_policy import PRIVACY_METRICS
 from fedecho.server.checkpoints import latest_valid, prune_checkpoints, write_checkpoint
 from fedecho.server.config import DEFAULT_MAX_EXAMPLES
 from fedecho.server.identity import Identity, SiteNames
+from fedecho.server.statistics import after_aggregation, phase_start
 from fedecho.server.trace import MessageTrace
 from fedecho.storage import Store
 from fedecho.storage.store import SITES_SUFFIX
@@ -137,6 +141,7 @@ class SiteReply:
     update: dict[str, torch.Tensor] | None = None
     sha256: str = ""  # of the reply's arrays as received (audit)
     norm: float = 0.0  # the update's L2 norm (for the round's adaptive bound)
+    control: dict[str, torch.Tensor] | None = None  # SCAFFOLD: the change of the site's control variate
 
 
 _SITE_ERROR = re.compile(r"^(?:refused by )?site (.+?): ")  # how a site's refusal or failure names it
@@ -222,6 +227,7 @@ class FederatedRun:
         self.site_names = settings.site_names
         self.holding_frozen: set[int] = set()
         self.server_peak_lr: float | None = None  # a server optimiser's configured eta (schedule_server_lr)
+        self.control: ServerControl | None = None  # SCAFFOLD's server control variate, in phases that use it
         self.on_round = on_round
         self.final: dict[str, Path] = {}
         trace = settings.state / "trace" / f"run-{self.run_id:04d}"
@@ -252,7 +258,7 @@ class FederatedRun:
         if phase == "finetune":
             if previous is not None:  # the pre-training phase's global encoder
                 encoder = {k: v for k, v in previous.state_dict().items() if k.startswith("encoder.")}
-                model.load_state_dict(encoder, strict=False)
+                load_state(model, to_lora_state(encoder, model), "the pre-trained encoder", strict=False)
             elif self.cfg.phase("finetune").init:
                 init_encoder(model, self.cfg.phase("finetune").init)
         return model
@@ -261,18 +267,28 @@ class FederatedRun:
         pcfg = self.cfg.phase(phase)
         self.store.set_phase_status(self.run_id, phase, "running")
         strategy = build_strategy(
-            self.cfg.strategy_name, self.cfg.strategy_params, fraction=self.cfg.run.fraction, min_sites=self.quorum
-        )
+            self.cfg.strategy_name, self.cfg.strategy_params, fraction=self.cfg.run.fraction, min_sites=self.quorum,
+            outer=(pcfg.outer_lr, pcfg.outer_momentum, pcfg.outer_nesterov),
+        )  # fmt: skip
         model = self.initial_model(phase, previous)
         self.server_peak_lr = server_peak_lr(strategy)
+        self.control = None
+        if pcfg.scaffold:
+            params = dict(model.named_parameters())
+            keys = control_keys(model, exchanged_keys(model, phase, pcfg.freeze_encoder))
+            self.control = ServerControl({k: params[k].shape for k in keys})
         start = 1
         found = latest_valid(self.store, self.run_id, phase)
         if found is not None:
             ck, model, sstate = found
             load_strategy_state(strategy, sstate)
+            if self.control is not None:
+                self.control.load(sstate)
             start = ck.round + 1
             log.info("%s: continuing after round %d from %s", phase, ck.round, ck.model)
         self.holding_frozen.clear()
+        if start == 1:  # [finetune].target_stats; a resumed phase has them in its checkpoint
+            phase_start(self, grid, phase, model)
         for server_round in range(start, pcfg.rounds + 1):
             self.round_with_retries(grid, phase, server_round, model, strategy)
         return model
@@ -369,6 +385,11 @@ class FederatedRun:
         schedule_server_lr(strategy, self.server_peak_lr, round_lr(pcfg, server_round) / pcfg.lr)
         planned = list(strategy.configure_train(server_round, out.fp32, config, grid))
         messages = self.address(planned, out, MessageType.TRAIN)
+        if self.control is not None:  # SCAFFOLD: every site gets the server's control variate with the model
+            control = encode(self.control.c, self.wire)
+            for m in messages:
+                m.content[CONTROL] = control
+        connected = len(messages)
         replies = self.exchange(grid, messages, need=self.quorum)
         expected = {k: v.shape for k, v in master.items()}
         results = [self.check_train_reply(msg, reply, expected) for msg, reply in replies]
@@ -403,8 +424,13 @@ class FederatedRun:
             raise TooFewReplies(f"{phase} round {server_round}: the strategy returned no model", retry=False)
         new_state = {k: torch.from_numpy(np.array(new_arrays[k].numpy(), dtype=np.float32)) for k in keys}
         model.load_state_dict(new_state, strict=False)
+        if self.control is not None:
+            weights = [float(r.metrics.get("num-examples", 1.0)) for r in accepted]
+            sites = max(connected, round(connected / self.cfg.run.fraction))  # the sites the round could have asked
+            self.control.update([r.control for r in accepted if r.control is not None], weights, sites)
         for r in results:
             self._record_site(phase, server_round, "train", r)
+        after_aggregation(self, grid, phase, server_round, model, master)  # target statistics kept; [finetune].refit
         evaluate_metrics: dict[str, float] = {}
         every = pcfg.eval_every
         if server_round == pcfg.rounds or (every and server_round % every == 0):
@@ -419,9 +445,8 @@ class FederatedRun:
             self.run_id, phase, server_round, started=t0, finished=time.time(), sites_sampled=len(messages),
             sites_replied=len(accepted), train=train, evaluate=evaluate_metrics, server=server_metrics,
         )  # fmt: skip
-        write_checkpoint(
-            self.store, self.checkpoints, self.run_id, phase, server_round, model, strategy_state(strategy)
-        )
+        sstate = {**strategy_state(strategy), **(self.control.state() if self.control is not None else {})}
+        write_checkpoint(self.store, self.checkpoints, self.run_id, phase, server_round, model, sstate)
         prune_checkpoints(self.store, self.checkpoints, self.run_id, phase, self.cfg.run.keep_checkpoints)
         summary = {"sites": f"{len(accepted)}/{len(messages)}", **train, **evaluate_metrics, **server_metrics}
         log.info("%s round %d/%d: %s", phase, server_round, pcfg.rounds, summary)
@@ -431,8 +456,32 @@ class FederatedRun:
     def check_train_reply(self, msg: Message, reply: Message | None, expected: dict[str, torch.Size]) -> SiteReply:
         """A site's training reply, accepted (status ok, its update decoded) or not. Whatever is wrong with the
         reply, malformed content included, makes it a rejection naming the reason: no reply stops the run."""
+
+        def read(site: str, content: RecordDict, metrics: dict[str, float]) -> SiteReply:
+            claimed_examples(metrics, self.settings.examples_cap(site))
+            update = decode(content["arrays"], self.wire, expected, self.cfg.run.max_update_norm)
+            change = None
+            if self.control is not None:
+                record = content.get(CONTROL)
+                if not isinstance(record, ArrayRecord):
+                    raise UpdateError("the reply lacks its control variate change (the phase uses SCAFFOLD)")
+                change = decode(record, self.wire, {k: v.shape for k, v in self.control.c.items()})
+            return SiteReply(site, 0, "ok", metrics, update=update, norm=update_norm(update), control=change)
+
+        return self.check_reply(msg, reply, "train", read)
+
+    def check_reply(
+        self,
+        msg: Message,
+        reply: Message | None,
+        kind: str,
+        read: Callable[[str, RecordDict, dict[str, float]], SiteReply],
+    ) -> SiteReply:
+        """What every reply that carries arrays goes through (training updates, statistics): no reply, an error
+        (a refusal or a failure), the site it counts for, its arrays and metrics present; then `read` checks and
+        decodes the content. Anything wrong makes it a rejection naming the reason, recorded under `kind`."""
         node = msg.metadata.dst_node_id
-        down = msg.content["arrays"].count_bytes()
+        down = record_bytes(msg.content)
         if reply is None:
             name = self.identify(node, None).name
             return SiteReply(name, node, "failed", reason="no reply before the deadline", bytes_down=down)
@@ -448,21 +497,19 @@ class FederatedRun:
             content = reply.content
             arrays = content.get("arrays")
             if isinstance(arrays, ArrayRecord):
-                up, sha = arrays.count_bytes(), arrays_sha256(arrays)
+                up, sha = record_bytes(content), arrays_sha256(arrays)
             if who.problem:
                 raise UpdateError(who.problem)
             if arrays is None or "metrics" not in content:
                 raise UpdateError("the reply lacks its arrays or metrics")
             if not isinstance(arrays, ArrayRecord):
                 raise UpdateError(f"the reply's arrays are a {type(arrays).__name__}, not an ArrayRecord")
-            metrics = reply_metrics(content["metrics"])
-            claimed_examples(metrics, self.settings.examples_cap(site))
-            update = decode(content["arrays"], self.wire, expected, self.cfg.run.max_update_norm)
-            norm = update_norm(update)
+            result = read(site, content, reply_metrics(content["metrics"]))
         except Exception as e:
-            return self.reject(SiteReply(site, node, "ok", bytes_down=down, bytes_up=up, sha256=sha), _reason(e))
+            return self.reject(SiteReply(site, node, "ok", bytes_down=down, bytes_up=up, sha256=sha), _reason(e), kind)
         self.store.upsert_site(site, node_id=node)
-        return SiteReply(site, node, "ok", metrics, bytes_down=down, bytes_up=up, update=update, sha256=sha, norm=norm)
+        result.node_id, result.bytes_down, result.bytes_up, result.sha256 = node, down, up, sha
+        return result
 
     def identify(self, node: int, reply: Message | None) -> Identity:
         """The site a reply comes from, by the node its message was sent to: Flower stores a reply only from that
@@ -642,7 +689,7 @@ class FederatedRun:
         malformed) and then left out of the weighted means. A count of 0 is allowed (no validation videos), and
         so is a NaN score (undefined at that site, e.g. R2 of one video), which the means leave out."""
         node = msg.metadata.dst_node_id
-        down = msg.content["arrays"].count_bytes()
+        down = record_bytes(msg.content)
         if reply is None:
             name = self.identify(node, None).name
             return SiteReply(name, node, "failed", reason="no reply before the deadline", bytes_down=down)
@@ -685,6 +732,11 @@ class FederatedRun:
             return {}
         metrics = evaluate(model, held, list(tasks))
         return {f"server_{k}": v for k, v in metrics.items() if k != "videos"}
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of every array record a message carries (the model, and SCAFFOLD's control variate)."""
+    return sum(r.count_bytes() for r in content.values() if isinstance(r, ArrayRecord))
 
 
 def weighted_means(replies: list[dict[str, float]]) -> dict[str, float]:

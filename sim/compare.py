@@ -4,7 +4,8 @@ The FLamby protocol: with R rounds of E local epochs, every site's data is seen 
 federation; pooled training (all sites' training videos in one place, which hospitals cannot do)
 and local-only training (each site alone) get the same R x E epochs, with the same recipe
 (optimiser, learning rate, warm-up of R_w x E epochs, then cosine). Every model is scored on every
-site's test split; "all sites" weighs each site by its test videos. A table and a PNG plot.
+site's test split; "all sites" weighs each site by its test videos. Beside them the mean predictor (every
+test video gets the pooled training mean), the floor any model must clear. A table and a PNG plot.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -24,11 +26,13 @@ from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedPhaseSection, FedRunConfig, round_seed
 from fedecho.fl.strategies import server_optimizer_params
 from fedecho.models import EchoVisionFM, load_checkpoint
+from fedecho.models.lora import to_lora_state
 from fedecho.sim.run import SimSites, site_layout
 from fedecho.storage import Store
 from fedecho.storage.files import atomic_write_bytes
 from fedecho.storage.store import store_url
-from fedecho.train import Trainer, evaluate, pick_device
+from fedecho.train import Trainer, pick_device
+from fedecho.train.engine import predict_dataset, prediction_metrics
 
 
 def centralized(
@@ -79,25 +83,61 @@ def centralized_recipe(cfg: FedRunConfig, phase: str) -> FedPhaseSection:
     )  # fmt: skip
 
 
+def mean_predictor(cfg: FedRunConfig, sites: list[Site]) -> dict[str, dict[str, float]]:
+    """Every regression target predicted as its mean over all sites' training videos (the labels only, from the
+    data index: nothing decoded), scored like a model on each site's test split and over all sites."""
+    from fedecho.models import get_task
+    from fedecho.train.metrics import reduced_ef_auroc, regression
+
+    model = build_model(cfg, "finetune")
+    pcfg = cfg.phase("finetune")
+    tasks = [t for t in pcfg.tasks if get_task(t).kind == "regression"]
+    splits = [site_datasets(cfg, model, "finetune", s, pcfg.seed) for s in sites]
+    train = [r for sp in splits for r in sp["train"].records]
+    means = {t: float(np.mean([r.targets[t] for r in train if t in r.targets])) for t in tasks}
+    out: dict[str, dict[str, float]] = {}
+    every: dict[str, list[float]] = {t: [] for t in tasks}
+    for site, sp in zip(sites, splits, strict=True):
+        test = sp["test"].records
+        if not test:
+            continue
+        out[site.name] = {"videos": float(len(test))}
+        for t in tasks:
+            y = np.array([r.targets[t] for r in test if t in r.targets])
+            every[t].extend(y)
+            out[site.name].update({f"{t}_{k}": v for k, v in regression(y, np.full_like(y, means[t])).items()})
+    total = {"videos": float(sum(len(sp["test"].records) for sp in splits))}
+    for t in tasks:
+        y = np.array(every[t])
+        total.update({f"{t}_{k}": v for k, v in regression(y, np.full_like(y, means[t])).items()})
+        if t == "ef":
+            total["ef_lt50_auroc"] = reduced_ef_auroc(y, np.full_like(y, means[t]))
+    out["all sites"] = total
+    return out
+
+
 def score(cfg: FedRunConfig, model: EchoVisionFM, sites: list[Site]) -> dict[str, dict[str, float]]:
-    """Metrics on each site's test split, and over all sites (weighted by test videos)."""
+    """Metrics on each site's test split, and over all sites' test videos pooled (R2 and AUROC of the pooled
+    predictions, not a mean of each site's: under label shift a site's own spread is narrow)."""
     tasks = list(cfg.phase("finetune").tasks)
     out: dict[str, dict[str, float]] = {}
-    totals: dict[str, float] = {}
-    videos = 0.0
+    ys: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    preds: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     for site in sites:
         test = site_datasets(cfg, model, "finetune", site, cfg.phase("finetune").seed)["test"]
         test.prepare(progress=False)
         if not len(test):
             continue
-        m = evaluate(model, test, tasks)
-        out[site.name] = m
-        n = m["videos"]
-        videos += n
-        for k, v in m.items():
-            if k != "videos":
-                totals[k] = totals.get(k, 0.0) + n * v
-    out["all sites"] = {"videos": videos, **{k: v / videos for k, v in totals.items()}} if videos else {}
+        y, p = predict_dataset(model, test, tasks)
+        out[site.name] = prediction_metrics(y, p)
+        for t in tasks:
+            ys[t].append(y[t])
+            preds[t].append(p[t])
+    if any(ys.values()):
+        pooled = {t: np.concatenate(ys[t]) for t in tasks}, {t: np.concatenate(preds[t]) for t in tasks}
+        out["all sites"] = prediction_metrics(*pooled)
+    else:
+        out["all sites"] = {}
     return out
 
 
@@ -109,7 +149,8 @@ def _trained(cfg: FedRunConfig, sites: list[Site], batch_size: int | None) -> Ec
     torch.manual_seed(round_seed(cfg.run.seed, "finetune", 0))
     model = build_model(cfg, "finetune")
     if encoder is not None:
-        model.load_state_dict({k: v for k, v in encoder.state_dict().items() if k.startswith("encoder.")}, strict=False)
+        pretrained = {k: v for k, v in encoder.state_dict().items() if k.startswith("encoder.")}
+        model.load_state_dict(to_lora_state(pretrained, model), strict=False)  # LoRA: under the wrapped names
     return centralized(cfg, "finetune", sites, model, batch_size)
 
 
@@ -140,10 +181,12 @@ def compare_runs(
     for site in site_list:
         console.print(f"training {site.name} alone at equal compute ...")
         results[f"local: {site.name}"] = score(cfg, _trained(cfg, [site], batch_size), site_list)
+    results["mean predictor"] = mean_predictor(cfg, site_list)
     out = state / f"compare-run-{run_id:04d}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "compare.json", json.dumps(results, indent=2).encode())
     metric = _headline(cfg)
+    _summary(results, console)
     _table(results, names, metric, console)
     _plot(results, [*names, "all sites"], metric, out / "compare.png")
     console.print(f"written: {out / 'compare.json'}, {out / 'compare.png'}")
@@ -153,6 +196,24 @@ def compare_runs(
 def _headline(cfg: FedRunConfig) -> str:
     task = cfg.phase("finetune").tasks[0]
     return f"{task}_mae" if task in ("ef", "esv", "edv") else f"{task}_auroc"
+
+
+SUMMARY = (("ef_mae", "EF MAE", "{:.2f}"), ("ef_r2", "EF R2", "{:.3f}"), ("ef_lt50_auroc", "EF<50% AUROC", "{:.3f}"),
+           ("ef_class_auroc", "EF-class head AUROC", "{:.3f}"))  # fmt: skip
+
+
+def _summary(results: dict[str, Any], console: Console) -> None:
+    """Test metrics over all sites' test videos, one row per training set: what `make demo` ends with."""
+    shown = [m for m in SUMMARY if any(m[0] in r.get("all sites", {}) for r in results.values())]
+    table = Table(title="test metrics over all sites' test videos (equal compute)")
+    table.add_column("trained on")
+    for _, label, _ in shown:
+        table.add_column(label, justify="right")
+    for name, per_site in results.items():
+        every = per_site.get("all sites", {})
+        cells = [fmt.format(every[key]) if key in every else "-" for key, _, fmt in shown]
+        table.add_row(name, *cells)
+    console.print(table)
 
 
 def _table(results: dict[str, Any], names: list[str], metric: str, console: Console) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pydicom
+import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
@@ -234,3 +236,44 @@ def identifying_strings(archive: Path) -> set[str]:
         out.update({rel.as_posix(), rel.stem, *(p for p in rel.parts if p[1:].isdigit() and len(p) > 4)})
     out.discard("")
     return out
+
+
+class TinyVideos:
+    """A few tiny labelled clips (random pixels, 8 frames, 112 px), as EchoVideoDataset hands them out."""
+
+    def __init__(self, n: int = 3):
+        g = torch.Generator().manual_seed(0)
+        info = [{"frame_index": torch.arange(8), "ef": torch.tensor(30.0 + 20 * i)} for i in range(n)]
+        self.items = [(torch.rand(3, 8, 112, 112, generator=g), info[i]) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        return self.items[i]
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def interrupted_run(cfg: Any, data: Path, state: Path, stop_round: int = 2) -> tuple[Any, Any]:
+    """A simulated run stopped after `stop_round` (its on_round raises), then its newest checkpoint corrupted, as a
+    crash mid-write would leave it: (the store, the paused run's row). Resuming must fall back a round."""
+    import pytest
+
+    from fedecho.server.rounds import RoundFailed
+    from fedecho.sim.run import simulate
+    from fedecho.storage import Store
+
+    def stop(phase: str, server_round: int, summary: dict[str, object]) -> None:
+        if server_round == stop_round:
+            raise RoundFailed(f"stopped by the test after round {stop_round}")
+
+    with pytest.raises(RoundFailed):
+        simulate(cfg, data, state, on_round=stop, default_policy=TINY_DATA)
+    store = Store(f"sqlite:///{state / 'fedecho.db'}")
+    (stopped,) = store.list_runs()
+    newest = store.checkpoints(stopped.id)[0]
+    assert newest.round == stop_round
+    Path(newest.path).write_bytes(Path(newest.path).read_bytes()[:-8] + b"\0" * 8)
+    return store, stopped

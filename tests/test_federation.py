@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 from safetensors.torch import load_file
 
-from builders import TINY_DATA, tiny_run
+from builders import TINY_DATA, interrupted_run, tiny_run
 from fedecho.fl.config import parse_run_config, round_lr
 from fedecho.fl.exchange import SCALE_PREFIX, UpdateError, decode, encode, exchanged_keys, frozen_keys, wire_round
 from fedecho.fl.strategies import (
@@ -24,7 +24,7 @@ from fedecho.fl.strategies import (
     strategy_state,
 )
 from fedecho.models import create_model
-from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
+from fedecho.server.rounds import FederatedRun, ServerSettings
 from fedecho.sim.compare import centralized_recipe, compare_runs
 from fedecho.sim.run import simulate
 from fedecho.storage import Store
@@ -317,9 +317,18 @@ def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Pa
     assert not _ray_processes()
     # --compare: pooled and each site alone at equal compute, scored on every site's test split
     results = compare_runs(cfg, federated_phantom, tmp_path / "state", run_id)
-    assert set(results) == {"federated", "pooled", "local: site01", "local: site02"}
+    assert set(results) == {"federated", "pooled", "local: site01", "local: site02", "mean predictor"}
     for per_site in results.values():
         assert {"site01", "site02", "all sites"} <= set(per_site) and np.isfinite(per_site["all sites"]["ef_mae"])
+    # "all sites" pools the test videos: its MAE is the videos-weighted mean of the sites', its R2 is not theirs
+    fed = results["federated"]
+    n = [fed[s]["videos"] for s in ("site01", "site02")]
+    mae = sum(k * fed[s]["ef_mae"] for k, s in zip(n, ("site01", "site02"), strict=True)) / sum(n)
+    assert fed["all sites"]["ef_mae"] == pytest.approx(mae) and fed["all sites"]["videos"] == sum(n)
+    # the mean predictor predicts the pooled training mean: the floor a model has to clear, AUROC 0.5
+    assert results["mean predictor"]["all sites"]["ef_lt50_auroc"] in (0.5,) or np.isnan(
+        results["mean predictor"]["all sites"]["ef_lt50_auroc"]
+    )
     png = tmp_path / "state" / f"compare-run-{run_id:04d}" / "compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -337,19 +346,9 @@ def test_resumed_run_equals_an_uninterrupted_one(federated_phantom: Path, tmp_pa
     cfg = parse_run_config(text, "tiny")
     whole = simulate(cfg, federated_phantom, tmp_path / "a", default_policy=TINY_DATA)
 
-    def stop_after_round_2(phase: str, server_round: int, summary: dict[str, object]) -> None:
-        if server_round == 2:
-            raise RoundFailed("stopped by the test after round 2")
-
-    with pytest.raises(RoundFailed):
-        simulate(cfg, federated_phantom, tmp_path / "b", on_round=stop_after_round_2, default_policy=TINY_DATA)
-    store = Store(f"sqlite:///{tmp_path / 'b' / 'fedecho.db'}")
-    (stopped,) = store.list_runs()
+    store, stopped = interrupted_run(cfg, federated_phantom, tmp_path / "b")
     assert stopped.status == "paused" and [r.round for r in store.rounds(stopped.id)] == [1, 2]
-    # corrupt round 2's checkpoint: resume must notice and fall back to round 1
-    ck2 = store.checkpoints(stopped.id)[0]
-    assert ck2.round == 2
-    Path(ck2.path).write_bytes(Path(ck2.path).read_bytes()[:-8] + b"\0" * 8)
+    # round 2's checkpoint is corrupt: resume must notice and fall back to round 1
     resumed = simulate(cfg, federated_phantom, tmp_path / "b", resume=stopped.id, default_policy=TINY_DATA)
     assert resumed == stopped.id and store.get_run(stopped.id).status == "finished"
     assert [r.round for r in store.rounds(stopped.id)] == [1, 2, 3]

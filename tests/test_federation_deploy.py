@@ -153,3 +153,28 @@ def test_a_quorum_the_outage_breaks_pauses_the_run_and_resume_finishes_it(
     with Store(store_url(federation.server.state)) as store:
         assert store.get_run(run.id).status == "finished"
         assert [(r.round, r.sites_replied) for r in store.rounds(run.id)] == [(1, 2), (2, 2)]
+
+
+def test_statistics_queries_and_control_variates_cross_real_processes(federation: Deployment, tmp_path: Path) -> None:
+    """Fine-tuning with SCAFFOLD, the federated target statistics and the ridge refit in a deployment: the
+    queries and the control variates travel through the SuperLink, the site runners and back (packed like
+    the model), and every site's audit log records what its statistics replies carried."""
+    for name in ("site01", "site02"):
+        if federation.supernodes[name].poll() is not None:
+            federation.start_supernode(name)
+    text = tiny_run(pretrain_rounds=0, finetune_rounds=2, freeze=False).replace("[run]", "[run]\nmin_sites = 2", 1)
+    text = text.replace('tasks = ["ef"]', 'tasks = ["ef"]\nscaffold = true\ntarget_stats = true\nrefit = "end"')
+    run_toml = tmp_path / "methods.toml"
+    run_toml.write_text(text)
+    sub = submit_run(federation.server, run_toml)
+    assert sub.returncode == 0 and sub.run_status == "finished", sub
+    with Store(store_url(federation.server.state)) as store:
+        run = max(store.list_runs(), key=lambda r: r.id)
+        kinds = [e.kind for e in store.events(run.id)]
+        assert "target-stats" in kinds and "refit" in kinds, kinds
+        queries = [r for r in store.site_results(run.id) if r.kind == "query"]
+        assert {r.site for r in queries} == {"site01", "site02"} and all(r.status == "ok" for r in queries)
+        train = [r for r in store.site_results(run.id) if r.kind == "train"]
+        assert len(train) == 4 and all(r.status == "ok" and r.bytes_up > 0 for r in train)
+        audited = {(a.kind, a.site, a.status) for a in store.audit(run.id)}
+    assert {("query", s, "accepted") for s in ("site01", "site02")} <= audited, audited

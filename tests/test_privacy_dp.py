@@ -12,7 +12,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from typer.testing import CliRunner
 
-from builders import TINY_DATA, tiny_run
+from builders import TINY_DATA, TinyVideos, tiny_run
 from fedecho.cli import app as cli
 from fedecho.client.config import load_site_config
 from fedecho.client.local import Site, site_train
@@ -40,24 +40,6 @@ from fedecho.train.config import PhaseSection
 # ------------------------------------------------------------------ DP-SGD steps
 
 
-class _Videos:
-    """Three tiny labelled clips, as EchoVideoDataset hands them out."""
-
-    def __init__(self, n: int = 3):
-        g = torch.Generator().manual_seed(0)
-        info = [{"frame_index": torch.arange(8), "ef": torch.tensor(30.0 + 20 * i)} for i in range(n)]
-        self.items = [(torch.rand(3, 8, 112, 112, generator=g), info[i]) for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
-        return self.items[i]
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-
 def _trainer() -> Trainer:
     torch.manual_seed(0)
     model = create_model("echo_vit_tiny", decoder=False, num_frames=8, tasks=["ef"], stf_norm="group", head="mlp")
@@ -80,13 +62,13 @@ def _one_step(trainer: Trainer, plan: DPPlan) -> dict[str, torch.Tensor]:
             seen["grad"] = torch.cat([p.grad.flatten() for p in opt.params])
 
         private.optimizer.attach_step_hook(look)
-        result = trainer.train_epoch(private.loader(_Videos()))
+        result = trainer.train_epoch(private.loader(TinyVideos()))
     assert result.steps == 1
     return seen
 
 
 def test_dp_step_clips_each_sample_and_adds_noise() -> None:
-    ds = _Videos()
+    ds = TinyVideos()
     # Opacus' per-sample gradients on this model (GroupNorm STF-Net, attention) add up to the ordinary gradient.
     reference = _trainer()
     video = torch.stack([v for v, _ in ds.items])
@@ -205,7 +187,7 @@ def test_a_dicom_site_trains_per_patient_and_says_so(dicom_phantom: Path, tmp_pa
     model = create_model("echo_vit_tiny", decoder=True, num_frames=8)
     received = {k: v.float() for k, v in model.state_dict().items()}
     options = {"seed": 1, "lr": 1e-3, "server-round": 1, "run-id": 3}
-    _, metrics = site_train(parse_run_config(tiny_run()), "pretrain", received, site, options)
+    _, metrics, _ = site_train(parse_run_config(tiny_run()), "pretrain", received, site, options)
     assert metrics["dp_per_patient"] == 1.0 and metrics["epsilon"] > 0
     (entry,) = PrivacyLedger(cfg.state).entries()
     assert entry.unit == "patient"
@@ -259,7 +241,8 @@ def _site_round(phantom: Path, state: Path, privacy: PrivacyPolicy, run_text: st
     options = {"seed": 1, "lr": 1e-3, "server-round": 1, "run-id": 7}
     model = create_model("echo_vit_tiny", decoder=True, num_frames=8)
     received = {k: v.float() for k, v in model.state_dict().items()}
-    return site_train(cfg, "pretrain", received, site, options)
+    update, metrics, _ = site_train(cfg, "pretrain", received, site, options)
+    return update, metrics
 
 
 def test_site_refuses_before_training_and_a_crash_keeps_the_reservation(

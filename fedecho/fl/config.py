@@ -16,7 +16,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedecho._toml import check_sections, did_you_mean
 from fedecho.train.config import RUN_SECTIONS, ConfigError, PhaseSection, RunConfig, parse_sections, section
@@ -61,6 +61,16 @@ class FedPhaseSection(PhaseSection):
     warmup_rounds: int = 0
     eval_every: int = 1  # rounds between federated evaluations (0: only after the last round)
     epochs: int = 1  # local epochs per round
+    # How the sites' local work becomes the next global model (`fedecho.fl.methods` says why each exists):
+    scaffold: bool = False  # SCAFFOLD control variates correct each site's drift; each site keeps its own
+    outer_lr: float = 0.0  # > 0: an outer optimiser steps the global model along the round's averaged update
+    outer_momentum: float = 0.0  # its momentum (DiLoCo: lr 0.7, momentum 0.9, Nesterov)
+    outer_nesterov: bool = True  # Nesterov momentum (false: heavy-ball)
+    keep_optimizer: bool = False  # each site keeps its local optimiser's state (AdamW moments) from round to round
+    # Label shift (fine-tuning): the regression heads learn on federated statistics, not on one site's
+    target_stats: bool = False  # regression targets standardised by the federation's mean and spread
+    refit: Literal["off", "end", "every"] = "off"  # federated ridge refit of the regression heads' last layer
+    ridge: float = 0.1  # the refit's L2 penalty, relative to the features' mean square (fedecho.fl.statistics)
 
 
 @dataclass
@@ -132,6 +142,11 @@ def parse_run_config(text: str, where: str = "run file") -> FedRunConfig:
     _check_strategy_keys(cfg, where)
     check_strategy(cfg.strategy_name, cfg.strategy_params, where)
     check_server_optimizer(cfg, where)
+    for name in PHASES:
+        check_methods(cfg, name, where)
+    from fedecho.models.lora import check_lora
+
+    check_lora(cfg.local, where)
     return cfg
 
 
@@ -159,6 +174,36 @@ def _check_strategy_keys(cfg: FedRunConfig, where: str) -> None:
             f"{where}: [strategy].{key} is not a parameter of {cfg.strategy_name}{did_you_mean(key, hints)}; "
             f"known: {', '.join(sorted(known)) or 'none'}"
         )
+
+
+def check_methods(cfg: FedRunConfig, name: str, where: str) -> None:
+    """The round's combination methods of one phase, against each other and the strategy."""
+    from fedecho.fl.strategies import server_optimizer_params
+
+    p = cfg.phase(name)
+    if not p.outer_lr >= 0:  # also NaN
+        raise ConfigError(f"{where}: [{name}].outer_lr must be >= 0 (0: no outer optimiser), not {p.outer_lr}")
+    if not 0 <= p.outer_momentum < 1:
+        raise ConfigError(f"{where}: [{name}].outer_momentum must be in [0, 1), not {p.outer_momentum}")
+    if p.outer_momentum and not p.outer_lr:
+        raise ConfigError(f"{where}: [{name}].outer_momentum needs [{name}].outer_lr > 0 (the outer optimiser)")
+    if p.outer_lr and server_optimizer_params(cfg.strategy_name, cfg.strategy_params):
+        raise ConfigError(
+            f"{where}: [{name}].outer_lr is an outer optimiser, and [strategy].name = {cfg.strategy_name!r} "
+            "already steps the global model with its own; use an averaging strategy (fedavg, fedprox, ...)"
+        )
+    if name == "pretrain":
+        for key, off in (("target_stats", False), ("refit", "off")):
+            if getattr(p, key) != off:
+                raise ConfigError(f"{where}: [pretrain].{key} applies to fine-tuning only (the heads' targets)")
+        return
+    if not p.ridge > 0:
+        raise ConfigError(f"{where}: [finetune].ridge must be > 0, not {p.ridge}")
+    from fedecho.models import get_task
+
+    if (p.target_stats or p.refit != "off") and not any(get_task(t).kind == "regression" for t in p.tasks):
+        key = "target_stats" if p.target_stats else "refit"
+        raise ConfigError(f"{where}: [finetune].{key} needs a regression task (ef, esv, edv) in [finetune].tasks")
 
 
 def check_dp(cfg: FedRunConfig, where: str) -> None:

@@ -1,7 +1,8 @@
 """What travels between the server and the sites, in which precision, and how it is checked.
 
 - Only the tensors a phase trains travel (`exchanged_keys`): in frozen-encoder fine-tuning that is
-  STF-Net and the heads; the frozen encoder reaches a site once and is kept there (`FrozenStore`).
+  STF-Net and the heads, in LoRA fine-tuning also the encoder's adapters; the frozen encoder (its own
+  weights, under LoRA) reaches a site once and is kept there (`FrozenStore`).
 - Tensors travel as float32, float16, bfloat16 or int8 (`encode`/`decode`); numpy has no bfloat16, so
   bfloat16 travels as its raw 16-bit pattern. Both sides keep fp32 masters: the server sends the
   global weights, a site trains in fp32 and sends back its update (local - received), and the
@@ -33,6 +34,7 @@ from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file, save_file
 
 from fedecho.models import EchoVisionFM
+from fedecho.models.lora import frozen_base_keys, has_lora
 from fedecho.storage.files import atomic_path
 
 WIRE_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -47,18 +49,24 @@ class UpdateError(ValueError):
 
 def exchanged_keys(model: EchoVisionFM, phase: str, freeze_encoder: bool = False) -> list[str]:
     """State-dict entries that train in this phase, hence travel each round (float tensors only:
-    BatchNorm's counters stay local)."""
+    BatchNorm's counters stay local). A model with LoRA adapters (`fedecho.models.lora`, detected from its
+    tensors) fine-tunes them instead of the encoder: of the encoder only the adapters travel."""
     if phase == "pretrain":
         prefixes: tuple[str, ...] = ("encoder.", "decoder.")
     else:
         prefixes = ("fusion.", "heads.") if freeze_encoder else ("encoder.", "fusion.", "heads.")
-    return [k for k, v in model.state_dict().items() if k.startswith(prefixes) and v.is_floating_point()]
+    state = model.state_dict()
+    base = set(frozen_base_keys(model)) if phase == "finetune" and has_lora(model) else set()
+    return [k for k, v in state.items() if k.startswith(prefixes) and v.is_floating_point() and k not in base]
 
 
 def frozen_keys(model: EchoVisionFM, phase: str, freeze_encoder: bool = False) -> list[str]:
-    """Tensors a site needs but does not train: the encoder during frozen-encoder fine-tuning."""
+    """Tensors a site needs but does not train: the encoder during frozen-encoder fine-tuning, its own
+    weights (all but the adapters) during LoRA fine-tuning."""
     if phase == "finetune" and freeze_encoder:
         return [k for k in model.state_dict() if k.startswith("encoder.")]
+    if phase == "finetune" and has_lora(model):
+        return frozen_base_keys(model)
     return []
 
 

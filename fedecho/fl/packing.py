@@ -79,36 +79,46 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
     return out
 
 
-def pack_message(msg: Message, key: str = "arrays", cache: dict[int, ArrayRecord] | None = None) -> Message:
-    """A copy of msg (same metadata, same other records) whose `key` record travels packed; msg is left as it
+def _array_keys(msg: Message) -> list[str]:
+    """The message's array records (the model, and any other: SCAFFOLD's control variate)."""
+    return [k for k, v in msg.content.items() if isinstance(v, ArrayRecord)] if msg.has_content() else []
+
+
+def pack_message(msg: Message, cache: dict[int, ArrayRecord] | None = None) -> Message:
+    """A copy of msg (same metadata, same other records) whose array records travel packed; msg is left as it
     is. `cache` (record id -> packed) packs a record that several messages share only once."""
-    if not msg.has_content() or key not in msg.content or is_packed(msg.content[key]):
+    keys = [k for k in _array_keys(msg) if not is_packed(msg.content[k])]
+    if not keys:
         return msg
-    record = msg.content[key]
-    packed = cache.get(id(record)) if cache is not None else None
-    if packed is None:
-        packed = pack(record)
-        if cache is not None:
-            cache[id(record)] = packed
+    content = dict(msg.content.items())
+    for key in keys:
+        record = msg.content[key]
+        packed = cache.get(id(record)) if cache is not None else None
+        if packed is None:
+            packed = pack(record)
+            if cache is not None:
+                cache[id(record)] = packed
+        content[key] = packed
     out = copy.copy(msg)  # a Message keeps its parts in __dict__: new metadata and content, no cached id
     out.__dict__.pop("_object_id", None)
     out.__dict__["_metadata"] = copy.copy(msg.metadata)
-    out.__dict__["_content"] = RecordDict({**dict(msg.content.items()), key: packed})
+    out.__dict__["_content"] = RecordDict(content)
     return out
 
 
-def pack_in_place(msg: Message, key: str = "arrays") -> Message:
-    """msg with its `key` record packed (a reply about to leave the site, no longer read by anyone)."""
-    if msg.has_content() and key in msg.content and not is_packed(msg.content[key]):
-        msg.content[key] = pack(msg.content[key])
+def pack_in_place(msg: Message) -> Message:
+    """msg with its array records packed (a reply about to leave the site, no longer read by anyone)."""
+    for key in _array_keys(msg):
+        if not is_packed(msg.content[key]):
+            msg.content[key] = pack(msg.content[key])
     return msg
 
 
-def unpack_message(msg: Message, key: str = "arrays") -> Message:
-    """msg with its `key` record unpacked in place; a malformed packed record is left for the caller's check."""
-    if msg.has_content() and key in msg.content:
-        # anything wrong (not an ArrayRecord, a malformed index, JSON nested too deep) leaves the record as it came:
-        # the server's checks reject such a reply, which must not stop the pull of the others
+def unpack_message(msg: Message) -> Message:
+    """msg with its array records unpacked in place; a malformed packed record is left for the caller's check."""
+    for key in _array_keys(msg):
+        # anything wrong (a malformed index, JSON nested too deep) leaves the record as it came: the server's
+        # checks reject such a reply, which must not stop the pull of the others
         with contextlib.suppress(Exception):
             msg.content[key] = unpack(msg.content[key])
     return msg

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import inspect
 import random
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -109,9 +112,68 @@ def check_strategy(name: str, params: dict[str, Any], where: str = "run file") -
                 raise ConfigError(f"{where}: [strategy].{key} must be a number, not {value!r}")
 
 
-def build_strategy(name: str, params: dict[str, Any], *, fraction: float, min_sites: int) -> Strategy:
+class OuterOptimizer(Strategy):
+    """DiLoCo's outer step around any averaging strategy: the round's aggregate minus the global model is
+    a pseudo-gradient, and the global model steps along it with (Nesterov) momentum at rate `lr`.
+
+    With lr = 1 and momentum 0 this is the inner strategy itself. The momentum is the server's state
+    (`strategy_state`), checkpointed every round, so a resumed run steps exactly as before."""
+
+    def __init__(self, strategy: Strategy, lr: float, momentum: float = 0.0, nesterov: bool = True):
+        self.strategy, self.lr, self.momentum, self.nesterov = strategy, lr, momentum, nesterov
+        self.outer_momentum: dict[str, np.ndarray] = {}
+        self._current: ArrayRecord | None = None
+
+    def __repr__(self) -> str:
+        kind = "Nesterov" if self.nesterov else "heavy-ball"
+        return f"OuterOptimizer({self.strategy!r}, lr={self.lr}, momentum={self.momentum}, {kind})"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = arrays  # the global model the round starts from
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        aggregate, metrics = self.strategy.aggregate_train(server_round, replies)
+        if aggregate is None or self._current is None:
+            return aggregate, metrics
+        stepped = ArrayRecord()
+        for k in aggregate:
+            x = self._current[k].numpy().astype(np.float32)
+            step = x - aggregate[k].numpy().astype(np.float32)  # the pseudo-gradient
+            m = self.momentum * self.outer_momentum.get(k, np.zeros_like(x)) + step
+            self.outer_momentum[k] = m
+            direction = step + self.momentum * m if self.nesterov else m
+            stepped[k] = Array(x - self.lr * direction)
+        return stepped, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+def build_strategy(
+    name: str,
+    params: dict[str, Any],
+    *,
+    fraction: float,
+    min_sites: int,
+    outer: tuple[float, float, bool] | None = None,
+) -> Strategy:
     """A Flower strategy that samples `fraction` of the connected sites (at least min_sites) and
-    needs min_sites of them connected; fedecho runs federated evaluation itself."""
+    needs min_sites of them connected; fedecho runs federated evaluation itself. `outer`: (lr, momentum,
+    nesterov) of an outer optimiser around it (`OuterOptimizer`), outside any central-DP wrapper, so it
+    steps along the already private aggregate."""
     check_strategy(name, params)
     kind, params, wrapper = split_strategy_params(params)
     sampling = {
@@ -122,12 +184,12 @@ def build_strategy(name: str, params: dict[str, Any], *, fraction: float, min_si
         "min_available_nodes": min_sites,
     }
     strategy = STRATEGIES[name](**sampling, **params)
-    if not kind:
-        return strategy
-    try:
-        return CENTRAL_DP[kind](strategy, **wrapper)
-    except ValueError as e:  # Flower checks the DP parameters against each other
-        raise ConfigError(f"[strategy] central_dp = {kind!r}: {e}") from e
+    if kind:
+        try:
+            strategy = CENTRAL_DP[kind](strategy, **wrapper)
+        except ValueError as e:  # Flower checks the DP parameters against each other
+            raise ConfigError(f"[strategy] central_dp = {kind!r}: {e}") from e
+    return OuterOptimizer(strategy, *outer) if outer is not None and outer[0] > 0 else strategy
 
 
 def seed_sampling(seed: int) -> None:
@@ -160,15 +222,24 @@ def server_peak_lr(strategy: Strategy) -> float | None:
 _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
 
+def _unwrap_outer(strategy: Strategy) -> Strategy:
+    return strategy.strategy if isinstance(strategy, OuterOptimizer) else strategy
+
+
 def _inner(strategy: Strategy) -> Strategy:
-    """The aggregating strategy inside a central-DP wrapper (the strategy itself otherwise)."""
+    """The aggregating strategy inside an outer optimiser and a central-DP wrapper (the strategy itself otherwise)."""
+    strategy = _unwrap_outer(strategy)
     return getattr(strategy, "strategy", strategy) if type(strategy) in CENTRAL_DP.values() else strategy
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """The strategy's optimiser state as flat arrays ("attr/tensor name" -> array); under central DP also the
-    wrapper's current clipping norm (adaptive clipping moves it every round)."""
+    """The strategy's optimiser state as flat arrays ("attr/tensor name" -> array): an outer optimiser's
+    momentum, the strategy's own moments, and under central DP the wrapper's current clipping norm (adaptive
+    clipping moves it every round)."""
     out: dict[str, np.ndarray] = {}
+    if isinstance(strategy, OuterOptimizer):
+        out.update({f"outer_momentum/{k}": np.ascontiguousarray(v) for k, v in strategy.outer_momentum.items()})
+        strategy = strategy.strategy
     if strategy is not _inner(strategy):
         out["clipping_norm/value"] = np.array([float(strategy.clipping_norm)])  # type: ignore[attr-defined]
     strategy = _inner(strategy)
@@ -183,6 +254,10 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
 
 
 def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    if isinstance(strategy, OuterOptimizer):
+        prefix = "outer_momentum/"
+        strategy.outer_momentum = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        strategy = strategy.strategy
     if "clipping_norm/value" in state and strategy is not _inner(strategy):
         strategy.clipping_norm = float(state["clipping_norm/value"][0])  # type: ignore[attr-defined]
     strategy = _inner(strategy)

@@ -1,4 +1,5 @@
-"""Checkpoints: weights in safetensors, the architecture as JSON beside them (OUT.json).
+"""Checkpoints: weights in safetensors, the architecture as JSON beside them (OUT.json); a LoRA
+fine-tuned model's adapters are in the weights and its rank, alpha and targets under "lora" in the JSON.
 
 Loading into a mismatched configuration is an error that lists the offending tensors.
 """
@@ -14,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from fedecho.models.config import ModelConfig
 from fedecho.models.echo_vision_fm import EchoVisionFM
+from fedecho.models.heads import is_stat_key
+from fedecho.models.lora import LoraSpec, apply_lora, has_lora, lora_spec
 from fedecho.storage.files import atomic_path, atomic_write_bytes
 
 
@@ -30,6 +33,9 @@ def save_checkpoint(model: EchoVisionFM, path: str | Path, extra: dict[str, Any]
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": model.cfg.to_dict(), "decoder": model.decoder is not None, **(extra or {})}
+    spec = lora_spec(model)
+    if spec is not None and has_lora(model):  # LoRA fine-tuning: load_checkpoint wraps the encoder again
+        meta["lora"] = spec.to_dict()
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "fedecho": "1"})
     atomic_write_bytes(config_path(path), json.dumps(meta, indent=2).encode())
@@ -52,7 +58,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         if k in own and own[k].shape != v.shape
     ]
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not is_stat_key(k))  # no statistics: the identity
     if wrong or (strict and (unexpected or missing)):
         parts = []
         if wrong:
@@ -77,6 +83,11 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> EchoVisionFM:
     if overrides:
         cfg = cfg.replace(**overrides)
     model = EchoVisionFM(cfg, decoder=bool(meta.get("decoder", True)) and not overrides.get("tasks"))
+    if meta.get("lora"):
+        try:
+            apply_lora(model, LoraSpec.from_dict(meta["lora"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its LoRA description {meta['lora']!r} is not usable ({e})") from e
     state = load_file(str(path))
     if overrides:
         state = {k: v for k, v in state.items() if k in model.state_dict()}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fedecho.models.config import ModelConfig
-from fedecho.models.heads import get_task, make_head
+from fedecho.models.heads import Heads
 from fedecho.models.registry import register_model
 from fedecho.models.stfnet import MaxPoolFusion, STFNet
 from fedecho.models.videomae import (
@@ -42,9 +42,7 @@ class EchoVisionFM(nn.Module):
                 )
             else:
                 self.fusion = MaxPoolFusion(cfg.embed_dim)
-            self.heads = nn.ModuleDict(
-                {name: make_head(self.fusion.out_dim, get_task(name), cfg.head, cfg.stf_norm) for name in cfg.tasks}
-            )
+            self.heads = Heads(self.fusion.out_dim, cfg.tasks, cfg.head, cfg.stf_norm)  # with target statistics
         else:
             self.fusion = None
             self.heads = nn.ModuleDict()
@@ -88,7 +86,7 @@ class EchoVisionFM(nn.Module):
         if self.fusion is None:
             raise RuntimeError("this model has no task heads; create it with tasks=[...]")
         z = self.fusion(self.encoder(video), frame_index)
-        return {name: head(z) for name, head in self.heads.items()}
+        return self.heads(z)  # type: ignore[no-any-return]  # regression outputs de-standardised (heads.py)
 
 
 def _config(**kw) -> ModelConfig:

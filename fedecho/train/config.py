@@ -53,6 +53,11 @@ class PhaseSection:
     tasks: list[str] = field(default_factory=lambda: ["ef"])
     freeze_encoder: bool = False  # linear probing (STF-Net and heads still train)
     init: str = ""  # checkpoint to start from (fine-tuning: the pre-trained encoder)
+    # LoRA (fine-tuning, `fedecho.models.lora`): rank-r adapters beside the encoder blocks' linear layers train
+    # instead of the encoder itself; alpha scales them (alpha / rank); targets name the layers (timm's names).
+    lora_rank: int = 0  # 0: off
+    lora_alpha: float = 0.0  # 0: the rank (scaling 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
 
 
 @dataclass
@@ -155,5 +160,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     cfg = parse_sections(raw, str(path))
+    from fedecho.models.lora import check_lora
+
+    check_lora(cfg, str(path))
     cfg.path = path
     return cfg

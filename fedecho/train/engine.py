@@ -24,19 +24,25 @@ from fedecho.data import EchoVideoDataset
 from fedecho.device import autocast, pick_device, synchronize
 from fedecho.models import EchoVisionFM, get_task
 from fedecho.train.config import PhaseSection
-from fedecho.train.metrics import task_metrics
+from fedecho.train.metrics import reduced_ef_auroc, task_metrics
 
 Phase = Literal["pretrain", "finetune"]
 
 
 def set_trainable(model: EchoVisionFM, phase: Phase, freeze_encoder: bool) -> None:
     """Pre-training trains encoder and decoder; fine-tuning trains fusion and heads, and the
-    encoder unless it is frozen (linear probing)."""
+    encoder unless it is frozen (linear probing). An encoder with LoRA adapters trains only those:
+    its own weights stay the pre-trained ones (`fedecho.models.lora`)."""
+    from fedecho.models.lora import has_lora, is_adapter_key
+
     for p in model.parameters():
         p.requires_grad_(True)
     if phase == "finetune" and freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+    elif has_lora(model):
+        for name, p in model.encoder.named_parameters():
+            p.requires_grad_(is_adapter_key("." + name))
 
 
 def _progress(enabled: bool) -> Progress:
@@ -94,6 +100,8 @@ class Trainer:
         self.updates = 0
         # An extra loss term added at every step (FedProx's proximal term; the local engine stays unchanged).
         self.regularizer: Callable[[], torch.Tensor] | None = None
+        # Run after every optimiser step (SCAFFOLD's drift correction, `fedecho.fl.methods`).
+        self.after_step: Callable[[], None] | None = None
         # What a step on an empty batch does (DP-SGD's Poisson sampling can draw none: the noisy step still
         # happens, `fedecho.privacy.dp`); None: an empty batch is an error.
         self.empty_batch: Callable[[], None] | None = None
@@ -104,7 +112,8 @@ class Trainer:
             loss, _, _ = self.model.forward_pretrain(video, mask)
             return loss
         out = self.model(video, info["frame_index"].to(self.device))
-        return sum(t.loss(out[t.name], info[t.name].to(self.device)) for t in self.tasks)  # type: ignore[return-value]
+        heads = self.model.heads  # a regression head's loss is in its standardised units (its target statistics)
+        return sum(t.loss(out[t.name], info[t.name].to(self.device), heads.stats(t.name)) for t in self.tasks)  # type: ignore[return-value]
 
     def train_epoch(self, loader: Iterable, progress: bool = False, max_steps: int | None = None) -> EpochResult:
         """One pass over loader (or max_steps batches); deterministic in (seed, epoch)."""
@@ -152,6 +161,8 @@ class Trainer:
     def _update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step()
         self.updates += 1
         self.scheduler.step_update(self.updates)
 
@@ -199,10 +210,10 @@ def predict_clips(
 
 
 @torch.no_grad()
-def evaluate(
+def predict_dataset(
     model: EchoVisionFM, dataset: EchoVideoDataset, tasks: list[str], progress: bool = False, batch_size: int = 8
-) -> dict[str, float]:
-    """Metrics over the full evaluation set, averaging predictions over each video's clips."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(targets, predictions) per task over a test-time dataset, each video's prediction averaged over its clips."""
     if not dataset.test_time:
         raise ValueError("evaluate needs a test_time dataset (all clips of each video)")
     preds: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
@@ -216,12 +227,28 @@ def evaluate(
                 preds[t].append(out[t])
                 ys[t].append(float(info[t]))
             bar.advance(job)
-    metrics: dict[str, float] = {"videos": float(len(dataset))}
-    for t in tasks:
+    return {t: np.array(ys[t]) for t in tasks}, {t: np.stack(preds[t]) for t in tasks}
+
+
+def prediction_metrics(ys: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Every task's metrics from its targets and predictions (`videos`: how many)."""
+    metrics: dict[str, float] = {"videos": float(len(next(iter(ys.values()), [])))}
+    for t in ys:
         task = get_task(t)
-        for k, v in task_metrics(task.kind, np.array(ys[t]), np.stack(preds[t])).items():
+        for k, v in task_metrics(task.kind, ys[t], preds[t]).items():
             metrics[f"{t}_{k}"] = v
+        if t == "ef":
+            metrics["ef_lt50_auroc"] = reduced_ef_auroc(ys[t], preds[t])
     return metrics
+
+
+def evaluate(
+    model: EchoVisionFM, dataset: EchoVideoDataset, tasks: list[str], progress: bool = False, batch_size: int = 8
+) -> dict[str, float]:
+    """Metrics over the full evaluation set, averaging predictions over each video's clips."""
+    if not tasks:
+        return {"videos": float(len(dataset))}
+    return prediction_metrics(*predict_dataset(model, dataset, tasks, progress, batch_size))
 
 
 def pretrain_loss(model: EchoVisionFM, dataset: EchoVideoDataset, batch_size: int = 8, seed: int = 0) -> float:

@@ -70,6 +70,12 @@ def multiclass(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     }
 
 
+def reduced_ef_auroc(ef: np.ndarray, pred: np.ndarray, threshold: float = 50.0) -> float:
+    """AUROC of the EF estimate as a test for reduced EF (EF < threshold, heart failure with reduced EF): the
+    clinical question behind EF regression, scored whether or not the model has an EF-class head."""
+    return auroc(np.asarray(ef) < threshold, -np.asarray(pred, np.float64))
+
+
 def task_metrics(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     if kind == "regression":
         return regression(y, pred)

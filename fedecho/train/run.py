@@ -22,6 +22,7 @@ from fedecho.data import Augment, ClipSampler, EchoVideoDataset, FrameCache, ope
 from fedecho.data.records import ScanResult, VideoRecord
 from fedecho.models import CheckpointError, EchoVisionFM, create_model, load_checkpoint, save_checkpoint
 from fedecho.models.checkpoint import load_state
+from fedecho.models.lora import apply_lora, is_adapter_key, merge_lora, phase_spec, to_lora_state
 from fedecho.storage.files import atomic_write_bytes
 from fedecho.train.config import RunConfig
 from fedecho.train.engine import Phase, Trainer, evaluate, make_loader, pick_device, pretrain_loss
@@ -79,14 +80,21 @@ def make_datasets(
 
 
 def init_encoder(model: EchoVisionFM, path: str | Path) -> None:
-    """Copy a pre-trained checkpoint's encoder into model; shapes must agree."""
+    """Copy a pre-trained checkpoint's encoder into model; shapes must agree.
+
+    Into a LoRA model (`fedecho.models.lora`) the encoder's weights go under their wrapped names and the
+    adapters keep their fresh start (B = 0: the model computes what the pre-trained one does). From a LoRA
+    fine-tuned checkpoint the encoder comes with its adapters folded in."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint to initialise from")
-    state = {k: v for k, v in load_file(str(path)).items() if k.startswith("encoder.")}
+    raw = load_file(str(path))
+    if any(is_adapter_key(k) for k in raw):
+        raw = merge_lora(load_checkpoint(path)).state_dict()
+    state = to_lora_state({k: v for k, v in raw.items() if k.startswith("encoder.")}, model)
     if not state:
         raise CheckpointError(f"{path}: holds no encoder tensors")
-    own = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.") and not is_adapter_key(k)}
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"{path}: encoder tensors missing: {', '.join(missing[:6])}")
@@ -142,6 +150,7 @@ def train_phase(
         model = create_model(cfg.model_name, decoder=True, **cfg.model_overrides)
     else:
         model = create_model(cfg.model_name, decoder=False, **{**cfg.model_overrides, "tasks": list(tasks)})
+        apply_lora(model, phase_spec(pcfg))  # [finetune] lora_rank > 0: adapters train, the encoder stays
         init = init or pcfg.init or None
         if init:
             init_encoder(model, init)
