@@ -34,13 +34,14 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job: a federated simulation on freshly generated phantom data. Three virtual hospitals
 # (each its own scanner vendor and patient mix) pre-train echo_vit_tiny by masked autoencoding,
 # then fine-tune it for EF, through Flower's simulation engine; the run lives in a SQLite store
-# (demo-output/state) and ends with a results table, an HTML report and a prediction.
+# (demo-output/state). It ends with the comparison on every site's TEST videos (federated, each site
+# alone, pooled, the mean predictor), an HTML report and predictions for one site's videos.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 240 --sites 3 --seed 20
-	$(BIN)/fedecho sim --config configs/quickstart.toml --data $(DEMO_DIR)/phantom --state $(DEMO_DIR)/state
+	$(BIN)/fedecho synth $(DEMO_DIR)/phantom --videos 240 --sites 3 --seed 20 --max-frames 64
+	$(BIN)/fedecho sim --config configs/quickstart.toml --data $(DEMO_DIR)/phantom --state $(DEMO_DIR)/state --compare
 	$(BIN)/fedecho report 1 --state $(DEMO_DIR)/state --out $(DEMO_DIR)/report
-	$(BIN)/fedecho predict $$(ls $(DEMO_DIR)/phantom/site01/Videos/*.avi | head -n 1) \
+	$(BIN)/fedecho predict $(DEMO_DIR)/phantom/site01/Videos --out $(DEMO_DIR)/predictions.csv \
 		--checkpoint $$(ls $(DEMO_DIR)/state/checkpoints/run-0001/finetune-round-*.safetensors | grep -v strategy | tail -n 1)
 
 test: $(STAMP) nginx

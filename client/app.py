@@ -121,7 +121,7 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
                 content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
             eps = metrics.get("epsilon")
             audit_message(site, msg, options, "allowed", allowed, manifest=manifest, epsilon=eps,
-                          update=content["arrays"] if train else None)  # fmt: skip
+                          update=content["arrays"] if train else None, sent=content if train else None)  # fmt: skip
         except (Refused, PrivacyRefused) as e:  # the site policy, code approval or privacy budget says no
             log.warning("site %s refused: %s", site.name, e)
             with contextlib.suppress(Exception):  # the refusal goes out even if the log cannot be written

@@ -197,10 +197,13 @@ def audit_message(
     epsilon: float | None = None,
     update: Any = None,
     message_type: str | None = None,
+    sent: Any = None,
 ) -> None:
-    """Append the ClientApp's row for one message (site: client.local.Site; update: the ArrayRecord sent;
-    message_type: what to record instead of the message's own type, e.g. a query with its question)."""
-    from fedecho.fl.exchange import arrays_sha256
+    """Append the ClientApp's row for one message (site: client.local.Site; update: the ArrayRecord sent, whose
+    digest the server's audit records too; sent: the whole reply, whose array records' bytes are counted (a
+    SCAFFOLD reply carries a control variate beside the update); message_type: what to record instead of the
+    message's own type, e.g. a query with its question)."""
+    from fedecho.fl.exchange import arrays_sha256, record_bytes
 
     with SiteLog(site.state) as site_log:
         site_log.record(
@@ -210,7 +213,7 @@ def audit_message(
             round=int(options["server-round"]) if "server-round" in options else None,
             phase=str(options.get("phase", "")), bundle_sha256=current_bundle(), manifest_sha256=manifest,
             epsilon=epsilon, update_sha256=arrays_sha256(update) if update is not None else None,
-            update_bytes=update.count_bytes() if update is not None else 0,
+            update_bytes=record_bytes(sent) if sent is not None else update.count_bytes() if update is not None else 0,
         )  # fmt: skip
 
 

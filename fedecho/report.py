@@ -371,7 +371,7 @@ def privacy_unit(metrics: dict[str, Any]) -> str:
 def _plot_privacy(out: Path, phases: list[str], results: list[SiteResultRow]) -> Plot | None:
     """Each site's privacy spent (epsilon) after each round, labelled with the unit that epsilon protects (the
     site's latest report); drawn only once sites report it."""
-    eps = _site_values(results, lambda x: _number(x.metrics.get("epsilon")), ("train", "evaluate"))
+    eps = _site_values(results, lambda x: _number(x.metrics.get("epsilon")), ("train", "evaluate", "query"))
     if not eps:
         return None
     units = {x.site: privacy_unit(x.metrics) for x in results if "epsilon" in x.metrics}

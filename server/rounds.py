@@ -52,6 +52,7 @@ from fedecho.fl.exchange import (
     encode,
     exchanged_keys,
     frozen_keys,
+    record_bytes,
     reply_metrics,
     state_hash,
     update_norm,
@@ -732,11 +733,6 @@ class FederatedRun:
             return {}
         metrics = evaluate(model, held, list(tasks))
         return {f"server_{k}": v for k, v in metrics.items() if k != "videos"}
-
-
-def record_bytes(content: RecordDict) -> int:
-    """Bytes of every array record a message carries (the model, and SCAFFOLD's control variate)."""
-    return sum(r.count_bytes() for r in content.values() if isinstance(r, ArrayRecord))
 
 
 def weighted_means(replies: list[dict[str, float]]) -> dict[str, float]:

@@ -293,6 +293,12 @@ class FrozenStore:
         return state if state_hash(state) == digest else None
 
 
+def record_bytes(content: Mapping[str, Any]) -> int:
+    """Bytes of every array record a message carries (the model, and SCAFFOLD's control variate), as Flower
+    counts them: what the server records per site and direction, and what a site's audit log says it sent."""
+    return sum(r.count_bytes() for r in content.values() if isinstance(r, ArrayRecord))
+
+
 def arrays_sha256(record: ArrayRecord) -> str:
     """Digest of a record as it travels (names, dtypes, shapes, serialized bytes): the site computes it on the
     update it sends and the server on the reply it receives, so both audit logs name the same update."""
