@@ -113,7 +113,13 @@ def make_head(
             nn.Linear(200, 100), nrm(100), nn.ReLU(inplace=inplace),
             last,
         )  # fmt: skip
-    nn.init.zeros_(last.weight)
+    # VideoMAE's fine-tuning head init: truncated normal (std 0.02) scaled by 0.001. The output starts at the bias
+    # (the population mean), and yet the first step's gradient reaches every layer below: with a zero weight
+    # only the head would move in a site's first local step, so a site with one step per round would send an
+    # update a hundred times smaller than its peers' (and the round's norm check would reject theirs).
+    nn.init.trunc_normal_(last.weight, std=0.02)
+    with torch.no_grad():
+        last.weight.mul_(1e-3)
     nn.init.constant_(last.bias, task.init_bias())
     return head
 
