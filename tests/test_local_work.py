@@ -236,3 +236,27 @@ def test_a_reply_without_a_good_control_variate_change_is_rejected(tmp_path: Pat
     assert good.status == "ok" and good.control is not None
     # its bytes count the control variate beside the update
     assert good.bytes_up == 2 * encode({"w": torch.ones(3)}, "float32").count_bytes()
+
+
+def test_the_first_local_step_moves_every_layer_and_starts_at_the_mean() -> None:
+    """A fresh head predicts the population mean, yet the first step's gradient reaches every trained layer: a
+    site with one local step per round sends an update of the same kind as a site with many (a zero-initialised
+    last layer moved only the head, and the round's norm check then rejected its honest peers)."""
+    from builders import TinyVideos
+    from fedecho.models import create_model, get_task
+    from fedecho.train import Trainer
+    from fedecho.train.config import PhaseSection
+
+    torch.manual_seed(0)
+    model = create_model("echo_vit_tiny", decoder=False, num_frames=8, tasks=["ef"], stf_norm="group")
+    video, info = TinyVideos()[0]
+    with torch.no_grad():
+        out = model.eval()(video[None], info["frame_index"][None])["ef"]
+    assert float(out) == pytest.approx(get_task("ef").init_bias(), abs=1e-3)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    cfg = PhaseSection(epochs=1, batch_size=3, lr=1e-3, warmup_epochs=0, tasks=["ef"], weight_decay=0.0)
+    trainer = Trainer(model, "finetune", cfg, steps_per_epoch=1, device=torch.device("cpu"))
+    trainer.train_epoch(torch.utils.data.DataLoader(TinyVideos(), batch_size=3), max_steps=1)
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("fusion.") for k in moved)
+    assert len(moved) > 0.9 * len(before), sorted(set(before) - moved)
