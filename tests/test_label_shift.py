@@ -60,7 +60,8 @@ def test_target_statistics_de_standardise_the_head_and_old_checkpoints_load(tmp_
     heads.set_stats("ef", 0.5, 0.1)
     assert float(last_linear(heads["ef"]).bias.detach()) == 0.0  # starts at the mean
     z = torch.randn(2, last_linear(heads["ef"]).in_features)
-    torch.testing.assert_close(heads(z)["ef"], torch.full((2, 1), 0.5))
+    # the last layer starts tiny (VideoMAE's head init): the output is the mean to within its scale x 1e-3
+    torch.testing.assert_close(heads(z)["ef"], torch.full((2, 1), 0.5), rtol=0, atol=1e-3)
     # the loss is in standardised units: the plain MSE divided by the spread squared
     torch.testing.assert_close(task.loss(out, target, heads.stats("ef")), task.loss(out, target) / 0.01)
     # saved with the model; a checkpoint written before the statistics existed loads as the identity
