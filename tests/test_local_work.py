@@ -142,6 +142,8 @@ def _methods_run(**phase: object) -> str:
         ({"scafold": True}, "scafold"),
         ({"refit": '"always"'}, "[finetune].refit must be one of"),
         ({"ridge": 0}, "[finetune].ridge must be > 0"),
+        ({"ridge": 0.3}, "[finetune].ridge is the refit's penalty"),
+        ({"outer_nesterov": False}, "[finetune].outer_nesterov needs [finetune].outer_lr"),
     ],
 )
 def test_bad_method_settings_name_the_field(edit: dict[str, object], message: str) -> None:

@@ -185,8 +185,9 @@ def check_methods(cfg: FedRunConfig, name: str, where: str) -> None:
         raise ConfigError(f"{where}: [{name}].outer_lr must be >= 0 (0: no outer optimiser), not {p.outer_lr}")
     if not 0 <= p.outer_momentum < 1:
         raise ConfigError(f"{where}: [{name}].outer_momentum must be in [0, 1), not {p.outer_momentum}")
-    if p.outer_momentum and not p.outer_lr:
-        raise ConfigError(f"{where}: [{name}].outer_momentum needs [{name}].outer_lr > 0 (the outer optimiser)")
+    for key, off in (("outer_momentum", 0.0), ("outer_nesterov", True)):  # set without the optimiser: ignored
+        if getattr(p, key) != off and not p.outer_lr:
+            raise ConfigError(f"{where}: [{name}].{key} needs [{name}].outer_lr > 0 (the outer optimiser)")
     if p.outer_lr and server_optimizer_params(cfg.strategy_name, cfg.strategy_params):
         raise ConfigError(
             f"{where}: [{name}].outer_lr is an outer optimiser, and [strategy].name = {cfg.strategy_name!r} "
@@ -201,6 +202,8 @@ def check_methods(cfg: FedRunConfig, name: str, where: str) -> None:
         raise ConfigError(f"{where}: [finetune].ridge must be > 0, not {p.ridge}")
     from fedecho.models import get_task
 
+    if p.ridge != FedPhaseSection.ridge and p.refit == "off":
+        raise ConfigError(f'{where}: [finetune].ridge is the refit\'s penalty, and [finetune].refit = "off"')
     if (p.target_stats or p.refit != "off") and not any(get_task(t).kind == "regression" for t in p.tasks):
         key = "target_stats" if p.target_stats else "refit"
         raise ConfigError(f"{where}: [finetune].{key} needs a regression task (ef, esv, edv) in [finetune].tasks")
