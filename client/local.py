@@ -153,17 +153,16 @@ def site_train(
         state["state"] = carried["optimizer"]
         trainer.optimizer.load_state_dict(state)
     own: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
     if pcfg.scaffold:
         if control is None:
             raise ValueError(f"site {site.name}: the phase uses SCAFFOLD but the message has no control variate")
         ckeys = control_keys(model, keys)
         own = {k: carried.get("control", {}).get(k, torch.zeros_like(control[k])) for k in ckeys}
-        params = dict(model.named_parameters())
         pairs = [(params[k], (control[k] - own[k]).to(trainer.device)) for k in ckeys]
         trainer.after_step = lambda: scaffold_correct(pairs, lr)
     mu = float(options.get("proximal-mu", 0.0))
     if mu > 0:
-        params = dict(model.named_parameters())
         anchors = [(params[k], v) for k, v in start.items() if k in params and params[k].requires_grad]
         trainer.regularizer = lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)  # type: ignore[return-value]
     losses, steps, examples = [], 0, 0

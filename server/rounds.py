@@ -300,20 +300,26 @@ class FederatedRun:
     ) -> None:
         """One round, attempted again (same seeds, so the same work) while too few sites replied, up to
         `round_retries` times; then the run pauses (RoundFailed). Each retry first waits for enough sites."""
+        self.with_retries(grid, f"{phase} round {server_round}", lambda: self.one_round(grid, phase, server_round,
+                                                                                     model, strategy))  # fmt: skip
+        self.rounds_done += 1
+
+    def with_retries(self, grid: Grid, what: str, attempt: Callable[[], None]) -> None:
+        """Run `attempt` (a round, or a statistics query) until it stops raising TooFewReplies, up to
+        `round_retries` more times, each after waiting for enough sites; then pause the run (RoundFailed). Only
+        failures are retried: refusals and rejections would come back the same."""
         retries = self.settings.round_retries
-        for attempt in range(retries + 1):
-            need = self.start_sites if self.rounds_done == 0 else self.quorum
-            self.wait_for_sites(grid, need, f"{phase} round {server_round}")
+        for i in range(retries + 1):
+            self.wait_for_sites(grid, self.start_sites if self.rounds_done == 0 else self.quorum, what)
             try:
-                self.one_round(grid, phase, server_round, model, strategy)
-                self.rounds_done += 1
+                attempt()
                 return
             except TooFewReplies as e:
                 if not e.retry:
                     raise RoundFailed(f"{e} (the others refused or were rejected)") from None
-                if attempt == retries:
+                if i == retries:
                     raise RoundFailed(f"{e}; paused after {retries + 1} attempts") from None
-                self.note("round-retry", f"{e}; trying again ({attempt + 1} of {retries})")
+                self.note("round-retry", f"{e}; trying again ({i + 1} of {retries})")
 
     def wait_for_sites(self, grid: Grid, need: int, what: str) -> None:
         """Block until at least `need` sites are online, noting drops and rejoins; after `site_wait` seconds

@@ -50,25 +50,23 @@ if TYPE_CHECKING:
 
 def phase_start(run: FederatedRun, grid: Grid, phase: str, model: EchoVisionFM) -> None:
     """Before a phase's first round (no checkpoint yet): the federation's target statistics into the heads."""
-    from fedecho.server.rounds import RoundFailed
+    from fedecho.server.rounds import RoundFailed, TooFewReplies
 
     pcfg = run.cfg.phase(phase)
     if phase != "finetune" or not pcfg.target_stats:
         return
     tasks = regression_tasks(pcfg.tasks)
-    retries = run.settings.round_retries
     what = f"{phase} target statistics"
-    for attempt in range(retries + 1):
-        run.wait_for_sites(grid, run.start_sites if run.rounds_done == 0 else run.quorum, what)
+    accepted: list[SiteReply] = []
+
+    def attempt() -> None:
+        nonlocal accepted
         accepted, results = query(run, grid, phase, 0, TARGET_STATS, None, target_shapes(tasks))
-        if len(accepted) >= run.quorum:
-            break
-        short = f"{what}: {len(accepted)} of {len(results)} sites answered, {run.quorum} needed"
-        if not any(r.status == "failed" for r in results):
-            raise RoundFailed(f"{short} (the others refused or were rejected)")
-        if attempt == retries:
-            raise RoundFailed(f"{short}; paused after {retries + 1} attempts")
-        run.note("round-retry", f"{short}; trying again ({attempt + 1} of {retries})")
+        if len(accepted) < run.quorum:
+            raise TooFewReplies(f"{what}: {len(accepted)} of {len(results)} sites answered, {run.quorum} needed",
+                                retry=any(r.status == "failed" for r in results))  # fmt: skip
+
+    run.with_retries(grid, what, attempt)
     replies = [{k: v.numpy() for k, v in r.update.items()} for r in accepted if r.update is not None]
     try:
         stats = combine_targets(replies, tasks)
