@@ -4,15 +4,17 @@ vendor and EF mix), at equal compute (FLamby's rule: rounds x local steps x batc
     python bench/federated_accuracy.py --seeds 0,1,2 --threads 2
 
 Per seed:
-1. Pre-training (label-free): federated masked-autoencoder pre-training with plain FedAvg and one local
-   epoch of AdamW per round, against pooled pre-training of as many epochs: their validation MAE losses.
-2. Fine-tuning recipes (`RECIPES`), each from step 1's federated encoder, one local epoch per round (at
-   most 50 steps): test EF MAE over all sites' test videos, the validation EF MAE the recipe is chosen by,
-   rounds, local steps per round, bytes per site (both phases, up and down), and a modelled deployment time.
-   Pooled and local-only training (pre-training, then fine-tuning, at equal compute: `fedecho.sim.compare`)
-   are the baselines; federated / pooled and local-only / pooled are ratios of test EF MAE.
-3. Few labels: the recipe chosen on validation, fine-tuned with 10 % and 25 % of each site's labels from
-   step 1's encoder and from scratch.
+1. Pre-training (label-free): federated masked-autoencoder pre-training with one local epoch of AdamW per
+   round (`PRETRAIN_RECIPES`: FedAvg, FedAvg with the local learning rate scaled to the sites averaged,
+   DiLoCo), against pooled pre-training of as many epochs at the best of `POOLED_LRS`: validation MAE losses.
+2. Fine-tuning recipes (`RECIPES`), each from the federated encoder with the lowest validation loss, one
+   local epoch per round (at most 50 steps): test EF MAE over all sites' test videos, the validation EF MAE
+   the recipe is chosen by, rounds, local steps per round, bytes per site (both phases, up and down), and a
+   modelled deployment time. Pooled and local-only training (pre-training, then fine-tuning, at equal
+   compute: `fedecho.sim.compare`) are the baselines; federated / pooled and local-only / pooled are ratios
+   of test EF MAE.
+3. Few labels: 10 % and 25 % of each site's labels, fine-tuned from step 1's encoder and from scratch, each
+   arm with the recipe of `FEW_RECIPES` it does best with on validation.
 A recipe is chosen on VAL (the mean over seeds of the federated validation EF MAE after the last round)
 and reported on TEST. The modelled wall time of a deployment is the rounds times the measured fixed cost
 per round (`bench/federation.py`, deployed, echo_vit_small) plus the bytes each site moves at 100 Mbit/s,
@@ -53,8 +55,20 @@ from fedecho.train import pretrain_loss
 
 row = functools.partial(table_row, "6. Accuracy")
 
-# Fine-tuning recipes: overrides of [finetune] (and [strategy]) over the base run file, which pre-trains
-# with FedAvg and one local epoch per round. Every recipe does the same local work per round.
+# Pre-training recipes: overrides of [pretrain] over the base run file (FedAvg, one local epoch of AdamW per
+# round). The federation averages five sites' updates, as if each step saw five times the batch: the scaled
+# local learning rate is that recipe. Fine-tuning starts from the one with the lowest validation loss.
+PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
+    "fedavg": {},
+    "fedavg, 5x local lr": {"lr": 5e-3},
+    "diloco": {"outer_lr": 0.7, "outer_momentum": 0.9, "keep_optimizer": True},
+}
+# Pooled pre-training's learning rate, chosen on the same validation loss: the federation's recipes are
+# compared with pooled training at its best, not at the federation's learning rate.
+POOLED_LRS = (1e-3, 3e-3, 5e-3)
+
+# Fine-tuning recipes: overrides of [finetune] (and [strategy]) over the base run file. Every recipe does the
+# same local work per round.
 RECIPES: dict[str, dict[str, Any]] = {
     "fedavg": {},
     "scaffold": {"scaffold": True},
@@ -69,6 +83,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "label shift": {"target_stats": True, "refit": "end"},
     "lora + label shift": {"lora_rank": 8, "target_stats": True, "refit": "end"},
 }
+# With few labels each arm (pre-trained, scratch) takes the one of these with the lower validation EF MAE.
+FEW_RECIPES = ("label shift", "lora + label shift")
 MBIT = 100e6 / 8  # bytes per second at 100 Mbit/s
 
 
@@ -160,36 +176,52 @@ def one_seed(base: dict[str, Any], args: argparse.Namespace, data: Path, seed: i
     work.mkdir(parents=True, exist_ok=True)
     state = work.resolve()
     key = {"base": base, "videos": args.videos, "sites": args.sites}
-    res: dict[str, Any] = {"seed": seed}
+    res: dict[str, Any] = {"seed": seed, "pretrain": {}, "pooled_pretrain": {}}
 
-    def pretraining() -> dict[str, Any]:
-        path = run_file(base, work, f"pretrain-seed{seed}", seed, finetune_rounds=0)
-        cfg, run_id, seconds = federate(path, data, state, console)
-        encoder = final_checkpoint(state, run_id, "pretrain")
-        fed_loss = val_pretrain_loss(cfg, load_checkpoint(encoder), data, state)
-        torch.manual_seed(seed)
-        pooled = centralized(cfg, "pretrain", sites_of(cfg, data, state), build_model(cfg, "pretrain"))
-        pooled_loss = val_pretrain_loss(cfg, pooled, data, state)
-        return {"encoder": encoder, "federated_loss": fed_loss, "pooled_loss": pooled_loss, "seconds": seconds,
-                **run_facts(state, run_id, cfg)}  # fmt: skip
+    for name, overrides in PRETRAIN_RECIPES.items():
 
-    res["pretrain"] = cached(work / "pretrain.json", key, pretraining)
-    encoder = res["pretrain"]["encoder"]
+        def pretraining(name: str = name, overrides: dict[str, Any] = overrides) -> dict[str, Any]:
+            path = run_file(base, work, f"pretrain-{slug_of(name)}-seed{seed}", seed, finetune_rounds=0,
+                            pretrain=overrides)  # fmt: skip
+            cfg, run_id, seconds = federate(path, data, state, console)
+            encoder = final_checkpoint(state, run_id, "pretrain")
+            loss = val_pretrain_loss(cfg, load_checkpoint(encoder), data, state)
+            return {"encoder": encoder, "val_loss": loss, "seconds": seconds, **run_facts(state, run_id, cfg)}
+
+        res["pretrain"][name] = cached(
+            work / f"pretrain-{slug_of(name)}.json", {**key, "recipe": overrides}, pretraining
+        )
+    for lr in POOLED_LRS:
+
+        def pooled_pretraining(lr: float = lr) -> dict[str, Any]:
+            cfg = load_fed_run_config(run_file(base, work, f"pooled-pretrain-seed{seed}", seed, pretrain={"lr": lr}))
+            torch.manual_seed(seed)
+            pooled = centralized(cfg, "pretrain", sites_of(cfg, data, state), build_model(cfg, "pretrain"))
+            return {"val_loss": val_pretrain_loss(cfg, pooled, data, state)}
+
+        res["pooled_pretrain"][str(lr)] = cached(work / f"pooled-pretrain-{lr:g}.json", {**key, "lr": lr},
+                                                 pooled_pretraining)["val_loss"]  # fmt: skip
+    # Fine-tuning starts from the federated pre-training with the lowest validation loss on this seed.
+    chosen = min(res["pretrain"], key=lambda n: res["pretrain"][n]["val_loss"])
+    res["pretrain_chosen"] = chosen
+    encoder = res["pretrain"][chosen]["encoder"]
+    pooled_lr = min(POOLED_LRS, key=lambda lr: res["pooled_pretrain"][str(lr)])
+    ft_key = {**key, "pretrain": PRETRAIN_RECIPES[chosen]}
     res["recipes"] = {}
     for name, overrides in RECIPES.items():
         if args.recipes and name not in args.recipes:
             continue
-        slug = name.replace(" + ", "-").replace(" ", "-")
 
-        def recipe(name: str = name, overrides: dict[str, Any] = overrides, slug: str = slug) -> dict[str, Any]:
-            path = run_file(base, work, f"{slug}-seed{seed}", seed, finetune=overrides, init=encoder)
+        def recipe(name: str = name, overrides: dict[str, Any] = overrides) -> dict[str, Any]:
+            path = run_file(base, work, f"{slug_of(name)}-seed{seed}", seed, finetune=overrides, init=encoder)
             cfg, run_id, seconds = federate(path, data, state, console)
             return {"test": test_ef(cfg, data, state, run_id), "seconds": seconds, **run_facts(state, run_id, cfg)}
 
-        res["recipes"][name] = cached(work / f"{slug}.json", {**key, "recipe": overrides}, recipe)
+        res["recipes"][name] = cached(work / f"{slug_of(name)}.json", {**ft_key, "recipe": overrides}, recipe)
 
     def baselines() -> dict[str, Any]:
-        path = run_file(base, work, f"baseline-seed{seed}", seed)
+        # pooled and local-only pre-training at the learning rate pooled pre-training chose on validation
+        path = run_file(base, work, f"baseline-seed{seed}", seed, pretrain={"lr": pooled_lr})
         cfg = load_fed_run_config(path)
         sites = sites_of(cfg, data, state)
         out = {"pooled": score(cfg, _trained(cfg, sites, None), sites)["all sites"]}
@@ -198,20 +230,28 @@ def one_seed(base: dict[str, Any], args: argparse.Namespace, data: Path, seed: i
             out[f"local: {site.name}"] = score(cfg, _trained(cfg, [site], None), sites)["all sites"]
         return out
 
-    res["baselines"] = cached(work / "baselines.json", key, baselines)
-    few = args.few_recipe
+    res["baselines"] = cached(work / "baselines.json", {**key, "pretrain_lr": pooled_lr}, baselines)
+    res["few"] = {}
     for fraction in (0.1, 0.25):
         for arm, init in (("pre-trained", encoder), ("scratch", "")):
-            slug = f"few{int(fraction * 100)}-{arm}"
+            for name in FEW_RECIPES:
+                slug = f"few{int(fraction * 100)}-{arm}-{slug_of(name)}"
 
-            def few_run(fraction: float = fraction, init: str = init, slug: str = slug) -> dict[str, Any]:
-                path = run_file(base, work, f"{slug}-seed{seed}", seed, finetune=RECIPES[few], init=init,
-                                label_fraction=fraction)  # fmt: skip
-                cfg, run_id, _ = federate(path, data, state, console)
-                return {"test": test_ef(cfg, data, state, run_id)}
+                def few_run(
+                    fraction: float = fraction, init: str = init, slug: str = slug, name: str = name
+                ) -> dict[str, Any]:
+                    path = run_file(base, work, f"{slug}-seed{seed}", seed, finetune=RECIPES[name], init=init,
+                                    label_fraction=fraction)  # fmt: skip
+                    cfg, run_id, _ = federate(path, data, state, console)
+                    return {"test": test_ef(cfg, data, state, run_id), "val": run_facts(state, run_id, cfg)["val"]}
 
-            res[slug] = cached(work / f"{slug}.json", {**key, "recipe": RECIPES[few]}, few_run)["test"]["ef_mae"]
+                few_key = {**(ft_key if init else key), "recipe": RECIPES[name], "fraction": fraction}
+                res["few"][slug] = cached(work / f"{slug}.json", few_key, few_run)
     return res
+
+
+def slug_of(name: str) -> str:
+    return name.replace(" + ", "-").replace(", ", "-").replace(" ", "-")
 
 
 def exchanged_bytes(model: str, phase: str, lora_rank: int = 0) -> int:
@@ -245,7 +285,6 @@ def main() -> None:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--seeds", default="0,1,2", help="run seeds (comma-separated); results are means")
     p.add_argument("--recipes", nargs="*", default=None, help="fine-tuning recipes to run (default: all)")
-    p.add_argument("--few-recipe", default="label shift", help="the recipe of the few-label arms")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("bench/work/federated_accuracy"))
     p.add_argument("--out", type=Path, default=Path("bench/results/federated_accuracy.json"))
@@ -275,7 +314,7 @@ def main() -> None:
         lora = RECIPES[name].get("lora_rank", 0)
         scale = {ph: exchanged_bytes("echo_vit_base", ph, lora) / exchanged_bytes(tiny, ph, lora)
                  for ph in ("pretrain", "finetune")}  # fmt: skip
-        pre = per_seed[0]["pretrain"]
+        pre = per_seed[0]["pretrain"][per_seed[0]["pretrain_chosen"]]
         facts = {k: {**pre[k], **runs[0][k]} for k in ("rounds", "bytes_down", "bytes_up")}
         summary[name] = {
             "val_ef_mae": float(np.mean([r["val"].get("val_ef_mae", np.nan) for r in runs])),
@@ -288,9 +327,15 @@ def main() -> None:
             "hours_base": modelled_hours(facts, fixed, scale),
         }
     chosen = min(summary, key=lambda n: summary[n]["val_ef_mae"])
-    pre_ratio = float(np.mean([r["pretrain"]["federated_loss"] / r["pretrain"]["pooled_loss"] for r in per_seed]))
+    # pre-training: each recipe's validation MAE loss over pooled pre-training's at its best learning rate
+    pre_ratio = {name: float(np.mean([r["pretrain"][name]["val_loss"] / min(r["pooled_pretrain"].values())
+                                      for r in per_seed]))
+                 for name in PRETRAIN_RECIPES}  # fmt: skip
     table = [
-        row("pre-training val MAE loss, federated (FedAvg, 1 local epoch) / pooled", round(pre_ratio, 3), "x"),
+        row(f"pre-training val MAE loss, federated ({name}, 1 local epoch) / pooled", round(ratio, 3), "x")
+        for name, ratio in pre_ratio.items()
+    ]
+    table += [
         row("test EF MAE, pooled (all sites' data in one place)", round(pooled, 2), "EF"),
         row("local-only / pooled test EF MAE (mean over sites)", round(local / pooled, 3), "x"),
     ]  # fmt: skip
@@ -300,15 +345,24 @@ def main() -> None:
         label = f"federated / pooled test EF MAE, {name}{' (chosen on val)' if name == chosen else ''}"
         met = ratio <= 1.10 and rounds <= 40
         table.append(row(label, round(ratio, 3), "x", "<= 1.10x, <= 40 rounds/phase", met))
+    few: dict[str, Any] = {}
     for pct in (10, 25):
-        pre = float(np.mean([r[f"few{pct}-pre-trained"] for r in per_seed]))
-        scratch = float(np.mean([r[f"few{pct}-scratch"] for r in per_seed]))
-        target = ("<= 0.8x", pre / scratch <= 0.8) if pct == 10 else (None, None)
-        table.append(row(f"pre-trained / scratch test EF MAE, {pct} % labels ({args.few_recipe})",
-                         round(pre / scratch, 3), "x", *target))  # fmt: skip
+        for arm in ("pre-trained", "scratch"):
+            runs = {n: [r["few"][f"few{pct}-{arm}-{slug_of(n)}"] for r in per_seed] for n in FEW_RECIPES}
+            pick = min(runs, key=lambda n: np.mean([x["val"].get("val_ef_mae", np.nan) for x in runs[n]]))
+            few[f"{pct}% {arm}"] = {
+                "recipe": pick,
+                "test_ef_mae": float(np.mean([x["test"]["ef_mae"] for x in runs[pick]])),
+            }
+        pre, scratch = few[f"{pct}% pre-trained"], few[f"{pct}% scratch"]
+        ratio = pre["test_ef_mae"] / scratch["test_ef_mae"]
+        target = ("<= 0.8x", ratio <= 0.8) if pct == 10 else (None, None)
+        table.append(row(f"pre-trained ({pre['recipe']}) / scratch ({scratch['recipe']}) test EF MAE, {pct} % labels",
+                         round(ratio, 3), "x", *target))  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = {"videos": args.videos, "sites": args.sites, "seeds": seeds, "config": str(args.config),
-           "fixed_cost_s_per_round": fixed, "recipes": RECIPES, "chosen": chosen, "summary": summary,
+           "fixed_cost_s_per_round": fixed, "pretrain_recipes": PRETRAIN_RECIPES, "pooled_lrs": POOLED_LRS,
+           "pretrain_ratio": pre_ratio, "recipes": RECIPES, "chosen": chosen, "summary": summary, "few": few,
            "per_seed": per_seed, "table": table}  # fmt: skip
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n{args.sites} sites (natural vendor split), {args.videos} phantom videos, seeds {args.seeds}\n")
@@ -325,6 +379,10 @@ def main() -> None:
             f"| {mb:.1f} | {s['val_ef_mae']:.2f} | {s['test_ef_mae']:.2f} | {s['test_ef_mae'] / pooled:.2f}x "
             f"| {hours} |"
         )
+    print("\n| pre-training recipe | val MAE loss (mean over seeds) | / pooled at its best lr |\n|---|---|---|")
+    for name, ratio in pre_ratio.items():
+        loss = np.mean([r["pretrain"][name]["val_loss"] for r in per_seed])
+        print(f"| {name} | {loss:.4f} | {ratio:.3f}x |")
     print("\n| measure | value | target |\n|---|---|---|")
     for r in table:
         print(f"| {r['measure']} | {r['value']}{r['unit'] if r['unit'] == 'x' else ''} | {r['target'] or ''} |")

@@ -7,6 +7,7 @@ the federated ClientApp calls the same `Trainer.train_epoch` and `evaluate` unch
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -88,14 +89,21 @@ class Trainer:
             **kind[cfg.optimizer],
         )
         updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.accumulate))
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=max(1, cfg.epochs * updates_per_epoch),
-            lr_min=cfg.min_lr,
-            warmup_t=round(cfg.warmup_epochs * updates_per_epoch),
-            warmup_lr_init=min(cfg.min_lr, cfg.lr),
-            t_in_epochs=False,
-        )
+        # One update in all (a lock-step round) has nothing to anneal: timm warns of that on every round.
+        timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+        level = timm_log.level
+        timm_log.setLevel(logging.ERROR)
+        try:
+            self.scheduler = CosineLRScheduler(
+                self.optimizer,
+                t_initial=max(1, cfg.epochs * updates_per_epoch),
+                lr_min=cfg.min_lr,
+                warmup_t=round(cfg.warmup_epochs * updates_per_epoch),
+                warmup_lr_init=min(cfg.min_lr, cfg.lr),
+                t_in_epochs=False,
+            )
+        finally:
+            timm_log.setLevel(level)
         self.epoch = 0
         self.updates = 0
         # An extra loss term added at every step (FedProx's proximal term; the local engine stays unchanged).
