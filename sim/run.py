@@ -5,8 +5,9 @@ Where the sites' data comes from:
   natural split, one virtual hospital per folder;
 - one dataset (an EchoNet-Dynamic, CAMUS or TMED-2 folder): partitioned into N virtual hospitals,
   by patient where the source knows patients (`fedecho.train.run.partition_of`).
-Nothing is installed or downloaded, Ray's dashboard and usage stats are off, and Ray is shut down
-before `simulate` returns, so no background process outlives it.
+Nothing is installed or downloaded, Ray's dashboard and usage stats are off, every Ray RPC needs this
+simulation's random token (`ray_token`), and Ray is shut down before `simulate` returns, so no background
+process outlives it.
 
 The server checks every reply as in a deployment, with two differences. Sites are named by their replies
 (`fedecho.server.identity.SiteNames`): the virtual sites are the researcher's own processes, and Flower draws
@@ -16,7 +17,10 @@ as many examples as its folder holds videos (`example_caps`), the coordinator's 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +163,8 @@ def simulate(
         "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
     }
     try:
-        run_simulation(server_app, client_app, num_supernodes=len(names), backend_config=backend)
+        with ray_token():
+            run_simulation(server_app, client_app, num_supernodes=len(names), backend_config=backend)
     finally:
         _shutdown_ray()
     if "error" in outcome:
@@ -167,6 +172,27 @@ def simulate(
     if "run_id" not in outcome:
         raise RuntimeError("the simulation ended before the ServerApp started a run (see the log above)")
     return int(outcome["run_id"])
+
+
+@contextlib.contextmanager
+def ray_token() -> Iterator[None]:
+    """Ray token authentication with a fresh random token for this simulation's private Ray.
+
+    Ray binds its GCS, raylet and worker ports on every interface; without a token anyone who can reach
+    the machine could submit code to it. Ray's own processes inherit the token from the environment, and
+    it is removed again afterwards (a researcher's own RAY_AUTH_* settings are kept as they were)."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _shutdown_ray() -> None:

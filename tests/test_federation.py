@@ -3,7 +3,9 @@ simulation engine (Ray) with the real store, checkpoints and resume."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -288,10 +290,20 @@ def _final_model(store: Store, run_id: int) -> dict[str, torch.Tensor]:
 
 def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Path) -> None:
     cfg = parse_run_config(tiny_run(wire="float16"), "tiny")
+    outsider: list[subprocess.CompletedProcess] = []
+
+    def attack(phase: str, server_round: int, summary: dict) -> None:
+        if not outsider:
+            outsider.append(_outsider_submits_to_ray(tmp_path / "pwned"))
+
     # the server also scores each round's global model on a held-out set of its own
     run_id = simulate(
-        cfg, federated_phantom, tmp_path / "state", eval_data=federated_phantom / "site02", default_policy=TINY_DATA
-    )
+        cfg, federated_phantom, tmp_path / "state", eval_data=federated_phantom / "site02", default_policy=TINY_DATA,
+        on_round=attack,
+    )  # fmt: skip
+    # someone else on the network who knows the simulation's Ray address cannot run code in it
+    assert "REFUSED" in outsider[0].stdout and "CONNECTED" not in outsider[0].stdout, outsider[0].stdout
+    assert not (tmp_path / "pwned").exists()
     store = Store(f"sqlite:///{tmp_path / 'state' / 'fedecho.db'}")
     run = store.get_run(run_id)
     assert run.status == "finished" and run.mode == "simulation"
@@ -333,10 +345,31 @@ def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Pa
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _outsider_submits_to_ray(marker: Path) -> subprocess.CompletedProcess:
+    """A process without the simulation's token connects to its Ray at the address Ray advertises on the
+    network and submits a task that would write marker."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    code = f"""
+import ray
+try:
+    ray.init(address={address!r}, logging_level="error")
+    print("CONNECTED")
+    @ray.remote(num_cpus=0)  # runs beside the virtual sites, which hold every CPU
+    def pwn():
+        open({str(marker)!r}, "w").write("ran")
+    ray.get(pwn.remote(), timeout=30)
+    print("RAN")
+except Exception as e:
+    print("REFUSED", type(e).__name__)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
 def _ray_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "ppid,pid,args"], capture_output=True, text=True).stdout
-    import os
-
     mine = str(os.getpid())
     return [line for line in out.splitlines() if line.split()[0] == mine and ("raylet" in line or "gcs_server" in line)]
 
