@@ -7,6 +7,8 @@ imported. Values the user set explicitly are kept.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 NO_TELEMETRY = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -32,3 +34,23 @@ def set_torch_threads(n: int | None = None) -> None:
 
     n = n or int(os.environ.get("FEDECHO_THREADS", "0")) or os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+@contextmanager
+def environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (None: remove) environment variables for what starts inside, e.g. child processes that read them
+    at start; the caller's values are restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -88,21 +88,15 @@ def try_predict(model: EchoVisionFM, path: Path, period: int = 0, max_clips: int
 
 
 def is_video(path: Path) -> bool:
-    """A file fedecho predict can read: an .avi, a .dcm/.dicom, or any other file with the DICOM preamble."""
+    """A file fedecho predict can read: an .avi, a .dcm/.dicom, or any other file that is DICOM by content."""
     name, suffix = path.name, path.suffix.lower()
     if name.startswith(".") or name == "DICOMDIR":
         return False
     if suffix in AVI_SUFFIXES or suffix in DICOM_SUFFIXES:
         return True
-    from fedecho.data.dicom import NOT_DICOM_SUFFIXES
+    from fedecho.data.dicom import NOT_DICOM_SUFFIXES, looks_like_dicom
 
-    if suffix in NOT_DICOM_SUFFIXES:
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    return suffix not in NOT_DICOM_SUFFIXES and looks_like_dicom(path)  # old PACS exports lack the preamble
 
 
 def videos_in_folder(root: Path) -> list[Path]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 
+from fedecho._env import environ
 from fedecho.client.app import build_client_app
 from fedecho.client.local import Site
 from fedecho.client.policy import DEFAULT_POLICY, SitePolicy
@@ -174,25 +174,14 @@ def simulate(
     return int(outcome["run_id"])
 
 
-@contextlib.contextmanager
-def ray_token() -> Iterator[None]:
+def ray_token() -> contextlib.AbstractContextManager[None]:
     """Ray token authentication with a fresh random token for this simulation's private Ray.
 
     Ray binds its GCS, raylet and worker ports on every interface; without a token anyone who can reach
     the machine could submit code to it. Ray's own processes inherit the token from the environment, and
     it is removed again afterwards (a researcher's own RAY_AUTH_* settings are kept as they were)."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_AUTH_TOKEN_PATH": None}
+    return environ(token)
 
 
 def _shutdown_ray() -> None:

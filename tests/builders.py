@@ -277,3 +277,49 @@ def interrupted_run(cfg: Any, data: Path, state: Path, stop_round: int = 2) -> t
     assert newest.round == stop_round
     Path(newest.path).write_bytes(Path(newest.path).read_bytes()[:-8] + b"\0" * 8)
     return store, stopped
+
+
+def compare_frames(got: np.ndarray, ref: np.ndarray, tolerance: Any, what: str) -> None:
+    """Decoded uint8 frames against the reference the phantom writer encoded, within `tolerance` (a
+    fedecho.synth.encodings.Tolerance: exact, max or mean absolute difference). A grey reference
+    matches colour frames whose three channels carry it."""
+    got = np.asarray(got)
+    if got.ndim == 4 and ref.ndim == 3:
+        ref = np.repeat(ref[..., None], 3, axis=-1)
+    elif got.ndim == 3 and ref.ndim == 4:
+        assert (ref == ref[..., :1]).all(), f"{what}: decoded as grey, but the encoded frames are colour"
+        ref = ref[..., 0]
+    assert got.shape == ref.shape, f"{what}: decoded {got.shape}, encoded {ref.shape}"
+    diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+    if tolerance.kind == "exact":
+        assert diff.max() == 0, f"{what}: {np.count_nonzero(diff)} samples differ (max {diff.max()}), lossless"
+    elif tolerance.kind == "max":
+        assert diff.max() <= tolerance.value, f"{what}: max error {diff.max()} > {tolerance.value}"
+    else:
+        assert diff.mean() <= tolerance.value, f"{what}: mean error {diff.mean():.2f} > {tolerance.value}"
+
+
+def burned_text_left(stored: np.ndarray, reference: np.ndarray, mask: np.ndarray, bright: int = 40) -> int:
+    """How many burned-in text pixels a registered (cropped, blanked) video still shows.
+
+    stored: the registered frames (T, h, w[, 3]); reference: the frames as the phantom encoded them (T, H, W[, 3]);
+    mask: (T, H, W) the text's pixels (fedecho.synth.dicom_writer.text_mask). The crop's place in the full frame
+    is found by matching the first frame's kept (non-zero) pixels; then every text pixel that was bright in the
+    reference must be zero in the stored frames."""
+    import cv2
+
+    def grey(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32).mean(-1) if a.ndim == 4 else a.astype(np.float32)
+
+    s, r = grey(stored), grey(reference)
+    t = min(len(s), len(r), len(mask))
+    h, w = s.shape[1:3]
+    assert h <= r.shape[1] and w <= r.shape[2], f"registered frames {s.shape} larger than the source {r.shape}"
+    k = int(np.argmax((s[:t] > 0).reshape(t, -1).sum(1)))  # the frame with most kept pixels
+    kept = (s[k] > 0).astype(np.float32)
+    if not kept.any():
+        return 0
+    score = cv2.matchTemplate(r[k], s[k], cv2.TM_SQDIFF, mask=kept)
+    y, x = np.unravel_index(int(np.argmin(score)), score.shape)
+    text = mask[:t, y : y + h, x : x + w] & (r[:t, y : y + h, x : x + w] > bright)
+    return int((s[:t][text] > 0).sum())

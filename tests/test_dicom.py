@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom import examples
 from pydicom.encaps import encapsulate
-from pydicom.uid import MPEG4HP41, JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000MC, JPEG2000Lossless, RLELossless
 
 from builders import gradient_frames, us_cine, write_csv
 from fedecho.data import EchoVideoDataset, Reason, SourceError, fit_square, open_source
@@ -141,7 +141,7 @@ def test_every_skip_reason_and_the_pass_goes_on(tmp_path: Path, cache_dir: Path)
     _save(us_cine(gradient_frames(1), uid_seed="still"), root / "still.dcm")
     _save(us_cine(gradient_frames(3), uid_seed="short"), root / "short.dcm")
     mpeg = us_cine(gradient_frames(10), uid_seed="mpeg")
-    mpeg.file_meta.TransferSyntaxUID = MPEG4HP41
+    mpeg.file_meta.TransferSyntaxUID = JPEG2000MC  # no installed decoder (H.264 now decodes)
     mpeg.PixelData = encapsulate([b"\x00" * 16])
     _save(mpeg, root / "mpeg.dcm")
     broken = _finish(

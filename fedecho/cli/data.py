@@ -168,22 +168,30 @@ def add(
         "--show-paths",
         help="Name quarantined files by their path in SOURCE (archive paths may embed patient ids: local eyes only).",
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Decoding processes (default: one per core this process may use). Same result as one; "
+        "an interrupted pass resumes where it stopped when run again.",
+    ),
 ) -> None:
     """Register SOURCE's videos into the site folder, de-identified; quarantine bad files with reasons.
 
-    Example: fedecho data add /archive/echo --site-dir /data/fedecho-site --labels site-labels.csv
+    Example: fedecho data add /archive/echo --site-dir /data/fedecho-site --labels site-labels.csv --workers 16
     """
-    from fedecho.data.ingest import ingest
+    from fedecho.data.ingest import WorkerError, ingest
 
     console = Console()
     if labels is not None and not labels.is_file():
         raise _fail(console, f"{labels}: no such labels file")
     try:
-        result = ingest(source, site_dir, kind=kind, labels=labels, progress=True, console=console)
-    except (SourceError, PrivacyError) as e:
+        result = ingest(source, site_dir, kind=kind, labels=labels, workers=workers, progress=True, console=console)
+    except (SourceError, PrivacyError, WorkerError) as e:
         raise _fail(console, str(e)) from e
     table = Table(title=f"registered into {site_dir} ({result.source_kind})")
-    for col in ("added", "frames", "already registered", "duplicates", "quarantined"):
+    columns = ("registered", "frames", "already registered", "duplicates", "quarantined", "sector from image")
+    for col in columns:
         table.add_column(col, justify="right")
     table.add_row(
         str(len(result.added)),
@@ -191,11 +199,21 @@ def add(
         str(result.already),
         str(result.duplicates),
         str(len(result.quarantined)),
+        str(result.estimated_sectors),
     )
     console.print(table)
+    rate = result.files / result.seconds if result.seconds > 0 else 0.0
+    console.print(
+        f"  {result.files} files in {result.seconds:.1f} s ({rate:.1f} files/s, "
+        f"{result.workers} worker{'s' if result.workers != 1 else ''})"
+    )
+    if result.estimated_sectors:
+        console.print(
+            f"  sector from image: {result.estimated_sectors} cines declared no trusted tissue region; "
+            "their sector is the area that moves"
+        )
     if result.quarantined:
-        reasons = Counter(q.reason.value for q in result.quarantined)
-        console.print("  quarantined: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+        console.print("  quarantined: " + ", ".join(f"{k} {v}" for k, v in result.reasons.items()))
         rows = [(q.row_id, q.reason.value, q.detail, q.path) for q in result.quarantined]
         console.print(_quarantine_table("quarantined in this pass", rows, show_paths), highlight=False)
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedecho.synth import synthesize
+from fedecho.synth.encodings import resolve
 
 
 def synth(
@@ -22,15 +23,34 @@ def synth(
     ),
     seed: int = typer.Option(0, "--seed", "-s", help="Everything is deterministic in the seed."),
     max_frames: int = typer.Option(128, "--max-frames", min=8, help="Longest cine, in frames."),
+    encodings: str = typer.Option(
+        "default",
+        "--encodings",
+        help="dicom only: default (JPEG baseline, raw pixels for every third vendor), all (every transfer "
+        "syntax, pixel layout and header form the phantom can write, spread over sites and cines) or "
+        "comma-separated names from fedecho.synth.encodings.",
+    ),
 ) -> None:
     """Generate apical-4-chamber phantom cines with exact EDV/ESV/EF labels.
 
     Example: fedecho synth data/phantom --videos 300 --sites 5 --format echonet --seed 0
     """
+    try:
+        names = resolve(encodings)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--encodings") from e
     if fmt not in ("echonet", "dicom"):
         raise typer.BadParameter("must be 'echonet' or 'dicom'", param_hint="--format")
     try:
-        summaries = synthesize(out, videos=videos, sites=sites, fmt=fmt, seed=seed, max_frames=max_frames)  # type: ignore[arg-type]
+        summaries = synthesize(
+            out,
+            videos=videos,
+            sites=sites,
+            fmt=fmt,  # type: ignore[arg-type]
+            seed=seed,
+            max_frames=max_frames,
+            encodings=encodings,
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     table = Table(title=f"phantom ({fmt}) in {out}")
@@ -38,4 +58,7 @@ def synth(
         table.add_column(col, justify="right" if col not in ("site", "folder") else "left")
     for s in summaries:
         table.add_row(s.name, str(s.directory), str(s.videos), f"{s.ef_mean:.1f}", f"{s.ef_min:.1f}-{s.ef_max:.1f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if fmt == "dicom" and encodings != "default" and videos < len(names):
+        console.print(f"[yellow]{videos} cines hold {videos} of the {len(names)} encodings asked for[/]")

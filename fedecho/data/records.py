@@ -38,6 +38,11 @@ class Reason(enum.StrEnum):
     BAD_DIMENSIONS = "bad_dimensions"  # rows, columns or frames outside what a cine can be
     DUPLICATE = "duplicate"  # the same bytes were already registered (site ingest)
     NO_SECTOR = "no_sector"  # no ultrasound sector found, so burned-in text cannot be blanked (site ingest)
+    DECODE_ERROR = "decode_error"  # a sound codestream the decoder fails on (the detail names codec and plugin)
+    VOLUME_3D = "volume_3d"  # an Enhanced US Volume (3-D), not a 2-D cine
+    BAD_HEADER = "bad_header"  # the element structure or the Image Pixel module makes no sense (not a cut)
+    NO_PIXEL_DATA = "no_pixel_data"  # a DICOM object without pixels (a report, a presentation state)
+    UNSUPPORTED_PIXEL_FORMAT = "unsupported_pixel_format"  # valid DICOM pixels a cine is not (float, 1-bit, CMYK)
 
 
 class BadFile(Exception):

@@ -7,7 +7,7 @@ attribute of the profile, and every private or unknown one, is removed by constr
 profile would replace by a UID or dummy (patient, study, series, instance identity) becomes a
 salted hash (HMAC-SHA256 with the site's secret salt), so videos of one patient can still be
 grouped and split together, at the site only. Burned-in text is removed by blanking every pixel
-outside the ultrasound sector (`blank_outside_sector`).
+outside the moving ultrasound sector (`blank_outside_sector`), inside a declared region too.
 """
 
 from __future__ import annotations
@@ -304,60 +304,141 @@ def scrub(text: str, values: set[str]) -> str:
 
 # ---------------------------------------------------------------- pixels
 
-MOTION_LEVEL = 2.0  # grey levels of temporal std: tissue moves, burned-in text does not
-MIN_SECTOR_FRACTION = 0.05  # of the frame: a smaller moving area is not a sector
+Box = tuple[int, int, int, int]
+"""(x0, y0, x1, y1), inclusive pixel bounds, as the Sequence of Ultrasound Regions declares them."""
+
+MOTION_LEVEL = 2.0  # grey levels of typical frame-to-frame change: tissue moves, burned-in text does not
+MOTION_SAMPLES = 32  # frames sampled across the cine for the motion test
+SMOOTH = 5  # px window over which the change is averaged: speckle changes densely, not in every pixel
+OPEN = 5  # px opening: removes thin moving lines (cursors, codec ringing along text) before the size test
+MARGIN = 2  # px the fan estimate is grown by: its static dark rim and corners the opening rounds off
+MIN_SECTOR_FRACTION = 0.05  # of the frame (or of a declared box): a smaller moving area is not a sector
+NEARLY_WHOLE = 0.9  # a declared region covering this share of the frame locates nothing
+MIN_REGION_SHARE = 0.5  # of the moving fan that a declared region must hold to be believed
 
 
-def estimate_sector(frames: np.ndarray) -> np.ndarray | None:
-    """The sector as the convex hull of the largest area that changes over time, or None.
+def motion_map(frames: np.ndarray) -> np.ndarray:
+    """(H, W) uint8, 1 where the picture keeps changing from frame to frame.
 
-    Burned-in names, dates and scales are static across a cine; speckle inside the sector is not.
-    A moving ECG cursor is a separate, smaller area and is left out with everything else.
+    The median of the absolute change between consecutive sampled frames, not the spread over time:
+    video codecs (H.264, MPEG-2) and lossy JPEG re-encode static text now and then, so its edges
+    flicker in a few frames; speckle inside the sector changes in most. A frame counter does change
+    every frame: it is small and apart from the fan, and the size test below leaves it out.
     """
-    t = len(frames)
+    t, h, w = frames.shape[:3]
     if t < 2:
-        return None
-    idx = np.unique(np.linspace(0, t - 1, min(t, 32)).round().astype(int))
-    sample = frames[idx].astype(np.float32)
-    gray = sample.mean(-1) if sample.ndim == 4 else sample
-    moving = (gray.std(0) > MOTION_LEVEL).astype(np.uint8)
-    moving = cv2.morphologyEx(moving, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+        return np.zeros((h, w), np.uint8)
+    idx = np.unique(np.linspace(0, t - 1, min(t, MOTION_SAMPLES)).round().astype(int))
+    sample = frames[idx]
+    channels = sample.shape[3] if sample.ndim == 4 else 1
+    gray = sample.sum(-1, dtype=np.int32) if sample.ndim == 4 else sample.astype(np.int32)
+    change = np.median(np.abs(np.diff(gray, axis=0)), axis=0).astype(np.float32) / channels
+    moving = (cv2.blur(change, (SMOOTH, SMOOTH)) > MOTION_LEVEL).astype(np.uint8)
+    return cv2.morphologyEx(moving, cv2.MORPH_OPEN, np.ones((OPEN, OPEN), np.uint8))
+
+
+def fan_hull(moving: np.ndarray) -> np.ndarray | None:
+    """The convex hull of the largest moving area, grown by MARGIN px; None when it is too small.
+
+    The hull fills what moves little inside the fan (blood pools, dark edges); only the largest
+    area counts, so a frame counter, an ECG cursor or codec flicker elsewhere add nothing to it.
+    """
     n, labels, stats, _ = cv2.connectedComponentsWithStats(moving, connectivity=8)
     if n <= 1:
         return None
     k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    h, w = moving.shape
-    if stats[k, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * h * w:
+    if stats[k, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * moving.size:
         return None
     hull = cv2.convexHull(cv2.findNonZero((labels == k).astype(np.uint8)))
-    mask = np.zeros((h, w), np.uint8)
+    mask = np.zeros(moving.shape, np.uint8)
     cv2.fillConvexPoly(mask, hull, 1)
-    return mask.astype(bool)
+    return cv2.dilate(mask, np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)).astype(bool)
 
 
-def sector_mask(frames: np.ndarray, region: list[tuple[int, int, int, int]] | None = None) -> tuple[np.ndarray, str]:
-    """(H, W) mask of the ultrasound sector and how it was found: 'region' (the scanner's declared
-    2-D tissue regions) or 'image' (estimated). Raises BadFile(NO_SECTOR) when neither works."""
+def estimate_sector(frames: np.ndarray) -> np.ndarray | None:
+    """The sector as the (grown) convex hull of the largest area that keeps changing, or None.
+
+    Burned-in names, dates and scales are static across a cine; speckle inside the sector is not.
+    """
+    return fan_hull(motion_map(frames))
+
+
+def region_distrust(region: list[Box], h: int, w: int) -> str | None:
+    """Why a declared region cannot locate the sector in an H x W frame, or None when it can.
+
+    Archives and anonymisers resize frames without rewriting the Sequence of Ultrasound Regions, so
+    a box reaching beyond the frame describes some other frame; clipping it kept the overlays.
+    """
+    for x0, y0, x1, y1 in region:
+        if not (0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h):
+            return f"declared region does not fit the {w}x{h} frame"
+    if _boxes_mask(region, h, w).mean() >= NEARLY_WHOLE:
+        return f"declared region covers nearly the whole {w}x{h} frame"
+    return None
+
+
+def _boxes_mask(region: list[Box], h: int, w: int) -> np.ndarray:
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in region:
+        mask[y0 : y1 + 1, x0 : x1 + 1] = True
+    return mask
+
+
+def _misses(region: list[Box], fan: np.ndarray) -> bool:
+    """Whether most of the frame's moving fan lies outside the declared boxes.
+
+    A region written for a smaller frame can still fit a larger one and point at the wrong place.
+    The boxes are grown by what the estimate itself adds around a sector (smoothing, MARGIN).
+    """
+    grow = 2 * (SMOOTH // 2 + MARGIN) + 1
+    boxes = cv2.dilate(_boxes_mask(region, *fan.shape).astype(np.uint8), np.ones((grow, grow), np.uint8))
+    return bool((fan & (boxes > 0)).sum() < MIN_REGION_SHARE * fan.sum())
+
+
+def _fan_in_boxes(moving: np.ndarray, region: list[Box]) -> np.ndarray:
+    """Per declared box, the moving fan inside it: two 2-D views each keep their own fan."""
+    mask = np.zeros(moving.shape, bool)
+    for x0, y0, x1, y1 in region:
+        fan = fan_hull(moving[y0 : y1 + 1, x0 : x1 + 1])
+        if fan is not None:
+            mask[y0 : y1 + 1, x0 : x1 + 1] |= fan
+    return mask
+
+
+def sector_mask(frames: np.ndarray, region: list[Box] | None = None) -> tuple[np.ndarray, str]:
+    """(H, W) mask of the ultrasound sector and how it was found.
+
+    'region': inside the scanner's declared 2-D tissue boxes, only the moving fan (text, readouts
+    and counters burned inside a box too large for its fan go too). 'image': the moving fan of the
+    whole frame, with the reason in parentheses when a declared region was not believed. Raises
+    BadFile(NO_SECTOR) when nothing that moves like a sector is found. Limit: text within a few
+    pixels of the fan (in MPEG-2 or H.264 cines, in a 16-px macroblock it shares with the fan)
+    changes with the fan and may be kept; scanners put depth marks there, names and dates further out.
+    """
     h, w = frames.shape[1:3]
-    if region:
-        mask = np.zeros((h, w), bool)
-        for x0, y0, x1, y1 in region:
-            mask[max(y0, 0) : min(y1, h - 1) + 1, max(x0, 0) : min(x1, w - 1) + 1] = True
-        if mask.any():
-            return mask, "region"
-    mask = estimate_sector(frames)
-    if mask is None:
-        raise BadFile(Reason.NO_SECTOR, "no ultrasound region declared and no moving sector found")
-    return mask, "image"
+    moving = motion_map(frames)
+    whole = fan_hull(moving)
+    doubt = region_distrust(region, h, w) if region else None
+    if region and doubt is None:
+        if whole is not None and _misses(region, whole):
+            doubt = "declared region misses most of the moving sector"
+        else:
+            mask = _fan_in_boxes(moving, region)
+            if mask.any():
+                return mask, "region"
+            doubt = "nothing moves inside the declared region"
+    if whole is None:
+        detail = doubt or "no ultrasound region declared"
+        raise BadFile(Reason.NO_SECTOR, f"{detail} and no moving sector found")
+    return whole, f"image ({doubt})" if doubt else "image"
 
 
-def blank_outside_sector(
-    frames: np.ndarray, region: list[tuple[int, int, int, int]] | None = None
-) -> tuple[np.ndarray, str]:
+def blank_outside_sector(frames: np.ndarray, region: list[Box] | None = None) -> tuple[np.ndarray, str]:
     """Zero every pixel outside the sector and crop to the sector's bounding box.
 
-    Burned-in names, MRNs and dates sit outside the sector on scanner screens; inside it pixels are
-    untouched. Returns (frames, 'region' | 'image').
+    Burned-in names, MRNs, dates and readouts are static, the sector's speckle is not: what survives
+    is the moving fan (inside the declared region when that can be believed). Returns (frames, how)
+    with how as `sector_mask` says: 'region', 'image' or 'image (why the region was not believed)'.
     """
     mask, how = sector_mask(frames, region)
     ys, xs = np.nonzero(mask)
@@ -367,6 +448,6 @@ def blank_outside_sector(
     return out, how
 
 
-def dicom_region(ds: Dataset) -> list[tuple[int, int, int, int]]:
+def dicom_region(ds: Dataset) -> list[Box]:
     """The declared 2-D tissue regions of a cine (empty when it declares none)."""
     return tissue_boxes(ds)

@@ -62,7 +62,7 @@ class FileEntry(SiteBase):
     transfer_syntax: Mapped[str] = mapped_column(String(64), default="")
     manufacturer: Mapped[str] = mapped_column(String(64), default="")
     model: Mapped[str] = mapped_column(String(64), default="")
-    sector: Mapped[str] = mapped_column(String(16), default="")  # region | image | as_published
+    sector: Mapped[str] = mapped_column(String(96), default="")  # region | image (why) | as_published
     split: Mapped[str] = mapped_column(String(8), default="")
     targets: Mapped[dict[str, Any]] = mapped_column(JSONText, default=dict)
     ingested: Mapped[float] = mapped_column(Double)
@@ -122,6 +122,7 @@ class SiteStore:
             os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # owner only; SQLite's -wal/-shm follow it
         self._engine = _sqlite_engine(f"sqlite:///{db}")
         self._write_engine = self._engine.execution_options(fedecho_write=True)
+        self._batch: Session | None = None
         self.ensure_tables()
 
     def ensure_tables(self) -> None:
@@ -150,13 +151,32 @@ class SiteStore:
         with Session(self._engine, expire_on_commit=False) as s, s.begin():
             yield s
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the add_file calls inside into one transaction: one durable commit for many rows (an
+        archive's registration would otherwise wait on a disk sync per file); on an exception none is kept."""
+        if self._batch is not None:  # nested: the outer batch commits
+            yield
+            return
+        with self.write() as s:
+            self._batch = s
+            try:
+                yield
+            finally:
+                self._batch = None
+
     # ------------------------------------------------------------ manifest
 
     def add_file(self, **values: Any) -> FileRow:
-        """Insert one manifest row (status ok needs a record_key)."""
+        """Insert one manifest row (status ok needs a record_key); inside batch() it commits with the batch."""
         if values.get("status") not in FILE_STATUSES:
             raise ValueError(f"file status must be one of {FILE_STATUSES}, not {values.get('status')!r}")
         values.setdefault("ingested", time.time())
+        if self._batch is not None:
+            entry = FileEntry(**values)
+            self._batch.add(entry)
+            self._batch.flush()
+            return _row(entry)
         with self.write() as s:
             entry = FileEntry(**values)
             s.add(entry)
@@ -169,6 +189,15 @@ class SiteStore:
             q = select(FileEntry.id).where(FileEntry.path_hash == path_hash)
             q = q.where(FileEntry.sha256.is_(None) if sha256 is None else FileEntry.sha256 == sha256)
             return s.execute(q.limit(1)).first() is not None
+
+    def fingerprints(self) -> dict[str, set[str | None]]:
+        """Path hash -> the content hashes ingested from that path (any outcome): what a resumed pass
+        skips without decoding, in one query rather than one per file."""
+        out: dict[str, set[str | None]] = {}
+        with self.read() as s:
+            for path_hash, sha in s.execute(select(FileEntry.path_hash, FileEntry.sha256)):
+                out.setdefault(path_hash, set()).add(sha)
+        return out
 
     def registered_as(self, sha256: str) -> str | None:
         """The record key under which these bytes are registered, if they are."""

@@ -2,12 +2,13 @@
 
 Gain, electronic noise, sector depth and width, frame rate, compression and the site's patient
 mix (its EF distribution) all differ between vendors, so partitions are realistically non-IID.
+Each vendor also has an encoding profile: how its DICOM cines are stored (spread_encodings).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,13 +42,15 @@ class Vendor:
     ef_mean: float  # this site's patient mix
     ef_sd: float
     heart_rate: float  # mean heart rate, bpm
-    jpeg: bool  # DICOM transfer syntax: JPEG baseline (True) or uncompressed (False)
+    # How this scanner (and its PACS) stores cines: names from fedecho.synth.encodings.ENCODINGS,
+    # used in turn, cine by cine.
+    encodings: tuple[str, ...] = ("jpeg_ybr422",)
 
     def sample_ef(self, rng: np.random.Generator) -> float:
         return float(np.clip(rng.normal(self.ef_mean, self.ef_sd), 0.18, 0.82))
 
-    def as_dict(self) -> dict[str, float | str | bool]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+    def as_dict(self) -> dict[str, float | str | list[str]]:
+        return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in self.__dataclass_fields__}
 
 
 REFERENCE = Vendor(
@@ -64,7 +67,7 @@ REFERENCE = Vendor(
     ef_mean=0.52,
     ef_sd=0.14,
     heart_rate=75.0,
-    jpeg=True,
+    encodings=("jpeg_ybr422",),
 )
 
 
@@ -94,7 +97,18 @@ def make_vendors(n_sites: int, seed: int) -> list[Vendor]:
                 ef_mean=float(means[k]),
                 ef_sd=float(rng.uniform(0.08, 0.13)),
                 heart_rate=float(rng.uniform(64.0, 86.0)),
-                jpeg=bool(k % 3 != 2),
+                encodings=("jpeg_ybr422",) if k % 3 != 2 else ("explicit_mono2",),
             )
         )
     return vendors
+
+
+def spread_encodings(vendors: list[Vendor], sizes: list[int], names: tuple[str, ...]) -> list[Vendor]:
+    """Give each vendor a consecutive slice of `names` as long as its number of cines, so that an
+    archive with at least len(names) cines stores every encoding at least once."""
+    out, start = [], 0
+    for vendor, n in zip(vendors, sizes, strict=True):
+        share = tuple(names[(start + i) % len(names)] for i in range(max(1, min(n, len(names)))))
+        out.append(replace(vendor, encodings=share))
+        start += n
+    return out
