@@ -6,7 +6,7 @@ Where the sites' data comes from:
 - one dataset (an EchoNet-Dynamic, CAMUS or TMED-2 folder): partitioned into N virtual hospitals,
   by patient where the source knows patients (`fedecho.train.run.partition_of`).
 Nothing is installed or downloaded, Ray's dashboard and usage stats are off, every Ray RPC needs this
-simulation's random token (`ray_token`), and Ray is shut down before `simulate` returns, so no background
+process's random token (`ray_token`), and Ray is shut down before `simulate` returns, so no background
 process outlives it.
 
 The server checks every reply as in a deployment, with two differences. Sites are named by their replies
@@ -18,6 +18,7 @@ as many examples as its folder holds videos (`example_caps`), the coordinator's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -174,13 +175,20 @@ def simulate(
     return int(outcome["run_id"])
 
 
+@functools.cache
+def _process_token() -> str:
+    """One random token per process: Ray's driver caches the first token it loads, so a second simulation
+    in the same process must present the same one."""
+    return secrets.token_hex(32)
+
+
 def ray_token() -> contextlib.AbstractContextManager[None]:
-    """Ray token authentication with a fresh random token for this simulation's private Ray.
+    """Ray token authentication with a random token for this process's private Ray.
 
     Ray binds its GCS, raylet and worker ports on every interface; without a token anyone who can reach
     the machine could submit code to it. Ray's own processes inherit the token from the environment, and
     it is removed again afterwards (a researcher's own RAY_AUTH_* settings are kept as they were)."""
-    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_AUTH_TOKEN_PATH": None}
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _process_token(), "RAY_AUTH_TOKEN_PATH": None}
     return environ(token)
 
 
