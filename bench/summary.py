@@ -22,7 +22,7 @@ import torch
 
 # The order of the table: issue 6's items, then the local-training science checks.
 ORDER = [
-    "mae_step", "finetune_step", "dp_step", "data_loader", "dicom_ingest", "federation",
+    "mae_step", "finetune_step", "dp_step", "data_loader", "dicom_ingest", "federation", "federation_recommended",
     "federated_accuracy", "scale", "local_training", "local_training_few_labels", "phantom_learnability",
 ]  # fmt: skip
 
