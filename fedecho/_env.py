@@ -36,21 +36,21 @@ def set_torch_threads(n: int | None = None) -> None:
     torch.set_num_threads(n)
 
 
-@contextmanager
-def environ(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (None: remove) environment variables for what starts inside, e.g. child processes that read them
-    at start; the caller's values are restored afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
+def _apply(values: dict[str, str | None]) -> None:
     for k, v in values.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@contextmanager
+def environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (None: remove) environment variables for what starts inside, e.g. child processes that read them
+    at start; the caller's values are restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    _apply(values)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _apply(saved)

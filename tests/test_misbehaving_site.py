@@ -7,9 +7,7 @@ the run finishes with the global models that site01 trains alone on the same Sup
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from deploy_helpers import make_deployment
 from safetensors.torch import load_file
 
 from builders import tiny_run
+from fedecho._env import environ
 from fedecho.server.submit import submit_run
 from fedecho.server.superlink import read_registry
 from fedecho.storage import Store
@@ -28,21 +27,6 @@ pytestmark = pytest.mark.slow
 
 PLAN = "train:1=scale,train:2=count:1e9,train:3=count:nan,train:4=count:inf,train:5=name:site01"
 TESTS = Path(__file__).resolve().parent
-
-
-@contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """os.environ with `values` set, for processes started inside (a SuperNode inherits it), then as it was."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_a_misbehaving_site_is_rejected_round_after_round_and_changes_nothing(
@@ -65,7 +49,7 @@ def test_a_misbehaving_site_is_rejected_round_after_round_and_changes_nothing(
         assert alone.returncode == 0 and alone.status == "finished:completed", "\n".join(lines)
 
         pythonpath = os.pathsep.join([str(TESTS / "misbehave"), str(TESTS)])
-        with environ(PYTHONPATH=pythonpath, **{tamper.PLAN_ENV: PLAN, tamper.SITE_ENV: "site02"}):
+        with environ({"PYTHONPATH": pythonpath, tamper.PLAN_ENV: PLAN, tamper.SITE_ENV: "site02"}):
             dep.start_supernode("site02")
         node = dep.node_ids["site02"]
         assert read_registry(dep.server)["site02"]["node_id"] == str(node)
