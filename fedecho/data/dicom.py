@@ -871,11 +871,7 @@ def _jpeg_fault(data: bytes, rows: int, cols: int, spp: int) -> str | None:
     height, width, comps = sof
     if width != cols or height not in (0, rows):
         return f"the JPEG codestream is {width} x {height} pixels, the header declares {cols} x {rows}"
-    if comps != spp:
-        return f"the JPEG codestream has {comps} components, the header declares {spp} samples per pixel"
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return "the JPEG codestream has no end-of-image marker (cut short)"
-    return None
+    return _ending_fault("JPEG", comps, spp, data, "end-of-image")
 
 
 def _j2k_fault(data: bytes, rows: int, cols: int, spp: int) -> str | None:
@@ -888,10 +884,15 @@ def _j2k_fault(data: bytes, rows: int, cols: int, spp: int) -> str | None:
     comps = int.from_bytes(data[at + 40 : at + 42], "big")
     if (xsiz - xo, ysiz - yo) != (cols, rows):
         return f"the JPEG 2000 codestream is {xsiz - xo} x {ysiz - yo} pixels, the header declares {cols} x {rows}"
+    return _ending_fault("JPEG 2000", comps, spp, data, "end-of-codestream")
+
+
+def _ending_fault(codec: str, comps: int, spp: int, data: bytes, end: str) -> str | None:
+    """What JPEG and JPEG 2000 share: the component count the header declares, and the closing FFD9 marker."""
     if comps != spp:
-        return f"the JPEG 2000 codestream has {comps} components, the header declares {spp} samples per pixel"
+        return f"the {codec} codestream has {comps} components, the header declares {spp} samples per pixel"
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return "the JPEG 2000 codestream has no end-of-codestream marker (cut short)"
+        return f"the {codec} codestream has no {end} marker (cut short)"
     return None
 
 
