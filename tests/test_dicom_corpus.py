@@ -18,6 +18,7 @@ import av
 import numpy as np
 import pydicom
 import pytest
+from pydicom._uid_dict import UID_dictionary
 from pydicom.encaps import generate_fragments
 from pydicom.fileset import FileSet
 from typer.testing import CliRunner
@@ -209,18 +210,28 @@ def test_special_objects_get_their_reasons(corpus: Corpus) -> None:
             assert got == want, f"{site}/{rel} ({kind}): {problems.get(rel)}"
 
 
-def test_no_burned_in_text_reaches_the_registered_frames(corpus: Corpus, tmp_path: Path) -> None:
-    """`data add` of the archive: in every registered cine, every pixel the burned-in text covered (outside and
-    inside the declared region, the resized cines' too-large regions included) is blank."""
-    from fedecho.data.ingest import ingest, video_path
+@pytest.fixture(scope="module")
+def registered(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each site of the archive after `data add` (one worker), by site name."""
+    from fedecho.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("registered")
+    for site in SITES:
+        ingest(corpus.root / site, out / site, workers=1, progress=False)
+    return {site: out / site for site in SITES}
+
+
+def test_no_burned_in_text_reaches_the_registered_frames(corpus: Corpus, registered: dict[str, Path]) -> None:
+    """In every registered cine, every pixel the burned-in text covered (outside and inside the declared
+    region, the resized cines' too-large regions included) is blank."""
+    from fedecho.data.ingest import video_path
     from fedecho.privacy.deid import load_or_create_salt, pseudonym
     from fedecho.storage.site_store import SiteStore
 
     leaks: list[str] = []
     checked = 0
     for site in SITES:
-        reg = tmp_path / site
-        ingest(corpus.root / site, reg, progress=False)
+        reg = registered[site]
         salt = load_or_create_salt(reg)
         with SiteStore(reg) as store:
             rows = {r.path_hash: r for r in store.files(status="ok")}
@@ -239,6 +250,64 @@ def test_no_burned_in_text_reaches_the_registered_frames(corpus: Corpus, tmp_pat
                 leaks.append(f"{entry['encoding']}: {left} text pixels kept")
     assert checked >= len(ENCODINGS) // 2, f"only {checked} cines registered"
     assert not leaks, "; ".join(leaks)
+
+
+TEXT_VRS = frozenset({"AE", "AS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"})
+
+
+def _header_values(path: Path) -> set[str]:
+    """Every text value anywhere in one file's header (nested and private sequences included, file
+    meta's instance UID too) except what de-identification keeps, with a person name's parts."""
+    from fedecho.privacy.deid import KEPT
+
+    ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    kept: set[str] = set()
+    values: set[str] = set()
+    for elem in ds.iterall():
+        texts = [str(v) for v in (elem.value if elem.VM > 1 else [elem.value])] if elem.VR in TEXT_VRS else []
+        target = kept if elem.keyword in KEPT else values
+        for text in texts:
+            target.update(p.strip() for p in [text, *text.split("^")] if p.strip())
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        values.add(str(meta.MediaStorageSOPInstanceUID))
+    standard = set(UID_dictionary)  # transfer syntaxes, SOP classes: the standard's, nobody's identity
+    return {v for v in values - kept - standard if len(v) >= 4}
+
+
+def test_no_header_value_reaches_the_site_folder(corpus: Corpus, registered: dict[str, Path]) -> None:
+    """No identifying header value of any file in the archive (names, ids, dates, UIDs, private copies
+    of the patient's name in nested private sequences) is in any file `data add` wrote."""
+    from fedecho.privacy.deid import SALT_FILE
+
+    for site in SITES:
+        values: set[str] = set()
+        for path in (corpus.root / site).rglob("*"):
+            if path.is_file() and path.suffix not in (".csv", ".json"):
+                values |= _header_values(path)
+        private = {v for v in values if " PROBE " in v}  # the vendors' private elements were read too
+        assert len(values) > 50 and private, sorted(values)[:20]
+        reg = registered[site]
+        files = [p for p in reg.rglob("*") if p.is_file() and p.name != SALT_FILE]
+        assert any(p.suffix == ".npy" for p in files)
+        for p in files:
+            blob = p.read_bytes()
+            # Pixel files: strings of 8+ characters only (short ones occur in megabytes of speckle by chance).
+            candidates = [v for v in values if len(v) >= 8] if p.suffix == ".npy" else values
+            leaked = sorted(v for v in candidates if v.encode() in blob)
+            assert not leaked, f"{site}: {p.relative_to(reg)} holds {leaked}"
+
+
+def test_study_labels_reach_every_encodings_cine(corpus: Corpus) -> None:
+    """study-labels.csv (EF per StudyInstanceUID and study_id) labels each cine as labels.csv does: the
+    view is read from View Code Sequence or View Name whatever the transfer syntax and header form."""
+    for site in SITES:
+        root = corpus.root / site
+        per_file = {r.key: r.targets for r in DicomArchiveSource(root).scan().records}
+        scan = DicomArchiveSource(root, labels=root / "study-labels.csv").scan()
+        per_study = {r.key: r.targets for r in scan.records}
+        assert per_study == per_file and len(per_file) >= len(ENCODINGS) // 2 - 1
+        assert scan.studies is not None and scan.studies.no_accepted_cine == 0
 
 
 def test_cli_encodings_option(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from fedecho.data import (
     EchoVideoDataset,
     FrameCache,
     SourceError,
+    StudyCounts,
     detect_source,
     open_source,
 )
@@ -160,7 +161,27 @@ def add(
     ),
     site_dir: Path = typer.Option(..., "--site-dir", help="The site folder (created): site.db, videos/, site.salt."),
     labels: Path | None = typer.Option(
-        None, "--labels", help="Labels CSV for a DICOM archive (path or sop_instance_uid column; EF, ESV, EDV, AS)."
+        None,
+        "--labels",
+        help="Labels CSV for a DICOM archive (EF, ESV, EDV, AS), per file (path or sop_instance_uid column) or "
+        "per study (study_instance_uid, or MIMIC-IV-ECHO's study_id): a study's label goes to its cines of --views.",
+    ),
+    views: str | None = typer.Option(
+        None,
+        "--views",
+        help="Study labels: the views (comma-separated: A4C, A2C, A3C, A5C, PLAX, PSAX, SUBCOSTAL, SUPRASTERNAL) "
+        "whose cines take their study's label, read from View Code Sequence or View Name [default: A4C].",
+    ),
+    series_pattern: str | None = typer.Option(
+        None,
+        "--series-pattern",
+        help="Study labels: a regular expression a Series Description matches when it names an accepted view "
+        "(for scanners that name views only there), e.g. '(?i)\\b(a4c|4ch)\\b'.",
+    ),
+    accept_unnamed_views: bool = typer.Option(
+        False,
+        "--accept-unnamed-views",
+        help="Study labels: also label cines whose header names no view (an archive known to hold one view).",
     ),
     kind: str = typer.Option("auto", "--source", help="auto, echonet, camus, tmed2 or dicom."),
     show_paths: bool = typer.Option(
@@ -185,8 +206,19 @@ def add(
     console = Console()
     if labels is not None and not labels.is_file():
         raise _fail(console, f"{labels}: no such labels file")
+    given = {"views": views, "series_pattern": series_pattern, "accept_unnamed_views": accept_unnamed_views}
+    view_filter = {k: v for k, v in given.items() if v}  # only what was set: checked against the source kind
     try:
-        result = ingest(source, site_dir, kind=kind, labels=labels, workers=workers, progress=True, console=console)
+        result = ingest(
+            source,
+            site_dir,
+            kind=kind,
+            labels=labels,
+            views=view_filter,
+            workers=workers,
+            progress=True,
+            console=console,
+        )
     except (SourceError, PrivacyError, WorkerError) as e:
         raise _fail(console, str(e)) from e
     table = Table(title=f"registered into {site_dir} ({result.source_kind})")
@@ -212,10 +244,31 @@ def add(
             f"  sector from image: {result.estimated_sectors} cines declared no trusted tissue region; "
             "their sector is the area that moves"
         )
+    if result.studies is not None:
+        _print_study_labels(console, result.studies, views or "A4C")
     if result.quarantined:
         console.print("  quarantined: " + ", ".join(f"{k} {v}" for k, v in result.reasons.items()))
         rows = [(q.row_id, q.reason.value, q.detail, q.path) for q in result.quarantined]
         console.print(_quarantine_table("quarantined in this pass", rows, show_paths), highlight=False)
+
+
+def _print_study_labels(console: Console, c: StudyCounts, views: str) -> None:
+    """How the study rows of the labels CSV reached cines: a labelled study left without a cine is said."""
+    where = ", ".join(f"{n} from {k}" for k, n in sorted(c.view_sources.items()))
+    console.print(
+        f"  study labels: {c.studies} studies in the labels CSV, {c.labelled_cines} cines labelled"
+        + (f" ({where})" if where else "")
+    )
+    if c.no_accepted_cine:
+        console.print(
+            f"  [yellow]{c.no_accepted_cine} labelled studies had no cine the view filter ({views}) accepted[/]"
+            + (f", {c.no_cine} of them no readable cine at all" if c.no_cine else "")
+        )
+    if c.other_view or c.unnamed:
+        console.print(
+            f"  cines of labelled studies left unlabelled: {c.other_view} of another view, "
+            f"{c.unnamed} whose header names no view (--series-pattern or --accept-unnamed-views to label them)"
+        )
 
 
 def _resolve_paths(source: Path, salt: bytes) -> dict[str, str]:

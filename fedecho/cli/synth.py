@@ -30,6 +30,13 @@ def synth(
         "syntax, pixel layout and header form the phantom can write, spread over sites and cines) or "
         "comma-separated names from fedecho.synth.encodings.",
     ),
+    other_views: int = typer.Option(
+        0,
+        "--other-views",
+        min=0,
+        help="dicom only: cines of other views (PLAX, A2C, PSAX) per study besides the labelled A4C one, "
+        "each site's scanner naming the view its own way; study-labels.csv holds EF per study.",
+    ),
 ) -> None:
     """Generate apical-4-chamber phantom cines with exact EDV/ESV/EF labels.
 
@@ -50,6 +57,7 @@ def synth(
             seed=seed,
             max_frames=max_frames,
             encodings=encodings,
+            other_views=other_views,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

@@ -16,6 +16,7 @@ from fedecho.data.records import (
     Reason,
     ScanResult,
     SourceError,
+    StudyCounts,
     VideoRecord,
 )
 from fedecho.data.source import SOURCES, EchoSource, detect_source, open_source
@@ -34,6 +35,7 @@ __all__ = [
     "Reason",
     "ScanResult",
     "SourceError",
+    "StudyCounts",
     "VideoRecord",
     "average_over_clips",
     "channel_stats",

@@ -41,6 +41,7 @@ from pydicom.pixels.utils import as_pixel_options
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from fedecho.data.labels import RECORD_LIST, LabelTable
 from fedecho.data.records import (
     AS_CLASSES,
     BadFile,
@@ -51,7 +52,8 @@ from fedecho.data.records import (
     VideoRecord,
     relative,
 )
-from fedecho.data.source import EchoSource, parse_float, read_csv_rows, register_source
+from fedecho.data.source import EchoSource, parse_float, register_source
+from fedecho.data.views import ViewFilter
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_SOP_CLASSES = {
@@ -76,15 +78,6 @@ NOT_DICOM_SUFFIXES = {
     ".toml",
     ".log",
     ".npy",
-}
-LABEL_ALIASES = {
-    "path": ["dicom_filepath", "file", "filepath", "relative_path"],
-    "sop_instance_uid": ["SOPInstanceUID", "sop_uid"],
-    "ef": ["EF", "lvef"],
-    "esv": ["ESV"],
-    "edv": ["EDV"],
-    "as": ["as_label", "aortic_stenosis", "diagnosis_label"],
-    "split": ["Split"],
 }
 
 MAX_SIDE = 8192  # rows/columns: larger is not an echo cine (and would exhaust memory decoding it)
@@ -1093,16 +1086,18 @@ def to_uint8(frame: np.ndarray, ds: Dataset, shift: int | None = None) -> np.nda
 
 @register_source
 class DicomArchiveSource(EchoSource):
-    """Options: labels (CSV path), min_frames (default 8), ef_threshold (default 50),
-    require_labels (default: True when labels are given), crop_region (default True: crop each
-    frame to the declared tissue region; site ingest turns it off to blank the sector itself)."""
+    """Options: labels (CSV path, per file or per study: fedecho.data.labels), min_frames (default 8),
+    ef_threshold (default 50), require_labels (default: True when labels are given), crop_region
+    (default True: crop each frame to the declared tissue region; site ingest turns it off to blank
+    the sector itself), views / series_pattern / accept_unnamed_views (which cines a study's label
+    applies to: fedecho.data.views.ViewFilter; default the A4C cines whose header says so)."""
 
     kind = "dicom"
     detect_cost = 1  # walks the folder
 
     @classmethod
     def detect(cls, root: Path) -> bool:
-        if (root / "echo-record-list.csv").is_file():
+        if (root / RECORD_LIST).is_file():
             return True
         for dirpath, _, names in os.walk(root):
             for n in names:
@@ -1121,19 +1116,15 @@ class DicomArchiveSource(EchoSource):
         self.labels_path = Path(labels) if labels else None
         self.require_labels = bool(options.get("require_labels", self.labels_path is not None))
         self.crop_region = bool(options.get("crop_region", True))
+        try:
+            self.view_filter = ViewFilter.parse(
+                options.get("views", "A4C"), options.get("series_pattern"), bool(options.get("accept_unnamed_views"))
+            )
+        except ValueError as e:
+            raise SourceError(str(e)) from e
 
     def cache_params(self) -> dict[str, object]:
         return {**super().cache_params(), **({} if self.crop_region else {"crop_region": False})}
-
-    def _labels(self) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
-        if self.labels_path is None:
-            return {}, {}
-        rows = read_csv_rows(self.labels_path, [], LABEL_ALIASES)
-        if rows and "path" not in rows[0] and "sop_instance_uid" not in rows[0]:
-            raise SourceError(f"{self.labels_path}: needs a 'path' or 'sop_instance_uid' column to join labels")
-        by_path = {r["path"].lstrip("./"): r for r in rows if r.get("path")}
-        by_uid = {r["sop_instance_uid"]: r for r in rows if r.get("sop_instance_uid")}
-        return by_path, by_uid
 
     def _targets(self, row: dict[str, str]) -> dict[str, float]:
         targets: dict[str, float] = {}
@@ -1151,10 +1142,9 @@ class DicomArchiveSource(EchoSource):
         return targets
 
     def scan(self) -> ScanResult:
-        by_path, by_uid = self._labels()
+        table = LabelTable(self.labels_path, self.root, self.view_filter) if self.labels_path else None
         records: list[VideoRecord] = []
         problems: list[Problem] = []
-        seen_labels: set[int] = set()
         for dirpath, dirnames, names in os.walk(self.root):
             dirnames.sort()
             for name in sorted(names):
@@ -1171,19 +1161,11 @@ class DicomArchiveSource(EchoSource):
                 except BadFile as e:
                     problems.append(Problem(rel, e.reason, e.detail))
                     continue
-                uid = str(ds.get("SOPInstanceUID", ""))
-                row = by_path.get(rel) or (by_uid.get(uid) if uid else None)
+                row, why_not = table.for_cine(ds, rel) if table else (None, "")
                 if row is None and self.require_labels:
-                    problems.append(
-                        Problem(
-                            rel,
-                            Reason.MISSING_LABEL,
-                            f"not in {self.labels_path.name if self.labels_path else 'labels'}",
-                        )
-                    )
+                    where = self.labels_path.name if self.labels_path else "labels"
+                    problems.append(Problem(rel, Reason.MISSING_LABEL, why_not or f"not in {where}"))
                     continue
-                if row is not None:
-                    seen_labels.add(id(row))
                 targets = self._targets(row) if row else {}
                 records.append(
                     VideoRecord(
@@ -1196,7 +1178,7 @@ class DicomArchiveSource(EchoSource):
                         group=str(ds.get("PatientID", "")) or None,
                         meta={
                             "split_given": bool(row and row.get("split", "").strip()),
-                            "sop_instance_uid": uid,
+                            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
                             "transfer_syntax": str(header.transfer_syntax),
                             "transfer_syntax_inferred": header.inferred,
                             "photometric": str(ds.get("PhotometricInterpretation", "")),
@@ -1205,10 +1187,11 @@ class DicomArchiveSource(EchoSource):
                         },
                     )
                 )
-        for rel, row in by_path.items():
-            if id(row) not in seen_labels and not (self.root / rel).is_file():
-                problems.append(Problem(rel, Reason.UNREADABLE, "listed in the labels CSV but not found"))
-        return ScanResult(records, problems)
+        if table is not None:
+            for rel in table.paths:
+                if not (self.root / rel).is_file():
+                    problems.append(Problem(rel, Reason.UNREADABLE, "listed in the labels CSV but not found"))
+        return ScanResult(records, problems, table.finish() if table and table.study_rows else None)
 
     def frames(self, record: VideoRecord) -> Iterator[np.ndarray]:
         header = read_file_header(record.files[0])

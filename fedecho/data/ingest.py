@@ -56,7 +56,7 @@ from fedecho._env import environ
 from fedecho.data.cache import decode_video
 from fedecho.data.clips import to_uint8_gray_or_rgb
 from fedecho.data.dicom import read_header
-from fedecho.data.records import SPLITS, BadFile, Reason, SourceError, VideoRecord, relative
+from fedecho.data.records import SPLITS, BadFile, Reason, SourceError, StudyCounts, VideoRecord, relative
 from fedecho.data.source import EchoSource, open_source
 from fedecho.privacy.deid import (
     blank_outside_sector,
@@ -100,6 +100,7 @@ class IngestResult:
     already: int = 0  # this very file was ingested before (any outcome): nothing added
     quarantined: list[Quarantined] = field(default_factory=list)
     estimated_sectors: int = 0  # registered cines whose sector came from the image, not a declared region
+    studies: StudyCounts | None = None  # a labels CSV with study rows: how they were joined to cines
     workers: int = 1
     seconds: float = 0.0  # the whole pass, scan included
     scan_seconds: float = 0.0  # of which the scan (one process: it reads every file's header)
@@ -565,12 +566,15 @@ def ingest(
     *,
     kind: str = "auto",
     labels: str | Path | None = None,
+    views: dict[str, Any] | None = None,
     workers: int | None = 1,
     progress: bool = True,
     console: Console | None = None,
 ) -> IngestResult:
     """Register SOURCE into the site folder DIR; see the module docstring.
 
+    views: which cines a study-level label applies to (DICOM archives: `views`, `series_pattern`,
+    `accept_unnamed_views`, as fedecho.data.views.ViewFilter.parse takes them).
     workers: decoding processes (None: one per core this process may use; 1: all in this process).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -582,7 +586,10 @@ def ingest(
     options: dict = {"require_labels": False, "crop_region": False}
     if labels:
         options["labels"] = Path(labels)
+    options.update(views or {})
     src = open_source(source, kind, **options)
+    if views and src.kind != "dicom":
+        raise SourceError(f"{source}: a {src.kind} source; view filters apply to DICOM archives' study labels")
     salt = load_or_create_salt(site_dir)
     (site_dir / VIDEOS).mkdir(mode=0o700, parents=True, exist_ok=True)
     columns = (
@@ -600,6 +607,7 @@ def ingest(
         scan_seconds = time.perf_counter() - t_scan
         bar.remove_task(scanning)
         run = Ingest(src, site_dir, salt, store)
+        run.result.studies = scan.studies
         jobs = run.jobs(((p.path, p.reason, p.detail) for p in scan.problems), scan.records)
         to_decode = sum(not (j.record is None or j.known) for j in jobs)
         n = min(default_workers() if workers is None else max(1, workers), max(1, to_decode))

@@ -83,9 +83,26 @@ class VideoRecord:
 
 
 @dataclass
+class StudyCounts:
+    """What joining study rows to cines did (all zero when the CSV has no study rows)."""
+
+    studies: int = 0  # study rows in the CSV
+    labelled_cines: int = 0  # cines that took their study's label
+    no_accepted_cine: int = 0  # labelled studies none of whose cines the view filter accepted ...
+    no_cine: int = 0  # ... of which: studies with no readable cine in the archive at all
+    other_view: int = 0  # cines of labelled studies whose header names a view the filter does not accept
+    unnamed: int = 0  # cines of labelled studies whose header names no view
+    view_sources: dict[str, int] = field(default_factory=dict)  # where accepted cines' views came from
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class ScanResult:
     records: list[VideoRecord]
     problems: list[Problem]
+    studies: StudyCounts | None = None  # sources with study-level labels: what the join did
 
     def summary(self) -> dict[str, int]:
         return dict(Counter(p.reason.value for p in self.problems))

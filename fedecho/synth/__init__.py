@@ -91,6 +91,7 @@ def synthesize(
     encodings: str = "default",
     geometry: Geometry = FULL,
     references: dict[str, np.ndarray] | None = None,
+    other_views: int = 0,
 ) -> list[SiteSummary]:
     """Generate the phantom; with sites > 1 each site is a complete dataset in OUT/siteNN.
 
@@ -100,6 +101,9 @@ def synthesize(
     comma-separated names from ENCODINGS, spread over the vendors so that every one is used once
     there are at least as many cines. geometry: the scanner screen (dicom_writer.FULL; TINY for
     tests). references: filled with each DICOM cine's reference frames by path under OUT (tests).
+    other_views (DICOM): cines of other views (PLAX, A2C, PSAX) per study besides the labelled A4C
+    one, their view named in the header as each site's scanner does (Vendor.view_naming); the
+    study's EF is also written per study (study-labels.csv), as echo reports keep it.
     """
     out = Path(out)
     if fmt not in ("echonet", "dicom"):
@@ -109,6 +113,10 @@ def synthesize(
     names = resolve(encodings)
     if fmt != "dicom" and encodings != "default":
         raise ValueError("--encodings applies to --format dicom only")
+    if other_views and fmt != "dicom":
+        raise ValueError("--other-views applies to --format dicom only")
+    if other_views < 0:
+        raise ValueError("--other-views must be 0 or more")
     out.mkdir(parents=True, exist_ok=True)
     vendors = make_vendors(sites, seed)
     sizes = site_sizes(videos, sites, np.random.default_rng(np.random.SeedSequence([seed, 0x5173])))
@@ -156,7 +164,7 @@ def synthesize(
                     video = make_video(
                         scanner, _video_rng(seed, k, i), geometry.sector, geometry.sector, max_frames, vary
                     )
-                    writer.add(video, study, split, rng, enc.name)
+                    writer.add(video, study, split, rng, enc.name, other_views)
                     efs.append(video.ef)
                     bar.advance(task)
             writer.close()

@@ -49,6 +49,16 @@ from fedecho.synth.vendors import Vendor
 ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 RECORD_COLUMNS = ["subject_id", "study_id", "acquisition_datetime", "dicom_filepath"]
 LABEL_COLUMNS = ["path", "sop_instance_uid", "EF", "ESV", "EDV", "ED_frame", "ES_frame", "split"]
+STUDY_LABEL_COLUMNS = ["study_id", "study_instance_uid", "EF", "ESV", "EDV", "split"]
+STUDY_LABELS = "study-labels.csv"  # EF per study, as the echo report keeps it
+# How scanners name each view: SNOMED CT code and meaning (View Code Sequence), View Name, Series Description.
+VIEW_NAMES = {
+    "A4C": ("399214001", "Apical four chamber", "A4C", "4CH 2D"),
+    "PLAX": ("399139001", "Parasternal long axis", "PLAX", "PLAX 2D"),
+    "A2C": ("399232001", "Apical two chamber", "A2C", "2CH 2D"),
+    "PSAX": ("399306005", "Parasternal short axis", "PSAX", "SAX PAP 2D"),
+}
+OTHER_VIEWS = ("PLAX", "A2C", "PSAX")  # the extra cines of a study, in this order
 MEDIA_DIR = "cdexport"  # where a study exported to CD (a file-set with a DICOMDIR) lands
 TOOLBAR = ("2D", "M", "CW", "PW", "COLOR", "FREEZE", "MEASURE")
 WHITE, YELLOW, GREEN, GREY = (235, 235, 235), (200, 200, 120), (120, 230, 120), (175, 175, 175)
@@ -409,6 +419,21 @@ def _base_dataset(
     return ds
 
 
+def name_view(ds: Dataset, view: str, naming: str) -> None:
+    """Name the cine's view where this vendor does (fedecho.data.views reads all three places)."""
+    code, meaning, name, series = VIEW_NAMES[view]
+    if naming == "code":
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, "SCT", meaning
+        ds.ViewCodeSequence = Sequence([item])
+    elif naming == "name":
+        ds.ViewName = name
+    elif naming == "series":
+        ds.SeriesDescription = series
+    elif naming != "none":
+        raise ValueError(f"view naming {naming!r}: not code, name, series or none")
+
+
 def _finish(ds: Dataset, frames: np.ndarray, jpeg: bool) -> Dataset:
     """Pixel module and file meta: JPEG baseline YBR_FULL_422, or uncompressed MONOCHROME2."""
     rgb = frames if frames.ndim == 4 else np.repeat(frames[..., None], 3, axis=-1)
@@ -487,6 +512,7 @@ class DicomArchiveWriter:
         self.references, self.region_text = references, region_text
         self.records: list[list[object]] = []
         self.labels: list[list[object]] = []
+        self.study_labels: list[list[object]] = []
         self.files: dict[str, dict[str, object]] = {}
         self.count = 0
         self._fileset: FileSet | None = None
@@ -503,29 +529,16 @@ class DicomArchiveWriter:
         split: str,
         rng: np.random.Generator,
         encoding: str | None = None,
+        other_views: int = 0,
     ) -> str:
-        """One labelled A4C cine; sometimes also a single-frame still, as real studies have.
-        Returns the cine's archive-relative path."""
+        """One labelled A4C cine and `other_views` cines of other views (OTHER_VIEWS, in turn; their
+        pixels are the A4C cine's: only the header tells them apart); sometimes also a single-frame
+        still, as real studies have. Returns the A4C cine's archive-relative path."""
         enc = ENCODINGS[encoding] if encoding else self.encoding(self.count)
         self.count += 1
         g = self.geometry
         composite = compose(video, study.patient, study, self.vendor, self.site_index, g, self.region_text)
-        frames, scale = composite.frames, 1.0
-        if RESIZED in enc.forms:
-            frames, scale = _downscale(frames), 0.5
-        ds = _base_dataset(study.patient, study, self.vendor, self.site_index, UltrasoundMultiFrameImageStorage, 1, rng)
-        frame_time = 1000.0 / video.fps
-        ds.FrameTime = f"{frame_time:.3f}"
-        ds.FrameIncrementPointer = 0x00181063  # Frame Time
-        ds.CineRate = round(video.fps)
-        ds.RecommendedDisplayFrameRate = round(video.fps)
-        ds.HeartRate = round(video.heart.heart_rate)
-        # Resized cines keep the original regions: PACS exports and anonymisers do not rescale them.
-        ds.SequenceOfUltrasoundRegions = Sequence([_region(video, g)])
-        reference = encode_pixels(ds, frames, enc, video.fps)
-        self._forms(ds, enc, len(frames), frame_time, study)
-        rel = self._write(ds, enc, study, 1)
-        self.records.append([study.patient.subject_id, study.study_id, f"{study.when:%Y-%m-%d %H:%M:%S}", rel])
+        rel, ds = self._cine(video, study, composite, enc, rng, "A4C", 1)
         self.labels.append(
             [
                 rel,
@@ -538,19 +551,11 @@ class DicomArchiveWriter:
                 split,
             ]
         )
-        self.files[rel] = {
-            "encoding": enc.name,
-            "kind": "cine",
-            "rows": int(frames.shape[1]),
-            "columns": int(frames.shape[2]),
-            "frames": int(frames.shape[0]),
-            "scale": scale,
-            "screen": [g.rows, g.cols],
-            "region": [g.left, g.top, g.left + g.sector - 1, g.top + g.sector - 1],
-            "texts": [t.as_dict(scale) for t in composite.texts],
-        }
-        if self.references is not None:
-            self.references[rel] = reference
+        self.study_labels.append(
+            [study.study_id, ds.StudyInstanceUID, f"{video.ef:.6f}", f"{video.esv:.6f}", f"{video.edv:.6f}", split]
+        )
+        for j in range(other_views):
+            self._cine(video, study, composite, enc, rng, OTHER_VIEWS[j % len(OTHER_VIEWS)], 4 + j)
         if VOLUME_3D in enc.forms:
             volume = _volume(video, study, self.vendor, self.site_index, rng, max(8, g.sector // 12))
             volume_enc = ENCODINGS["explicit_mono2"]
@@ -569,6 +574,53 @@ class DicomArchiveWriter:
             self.records.append([study.patient.subject_id, study.study_id, f"{study.when:%Y-%m-%d %H:%M:%S}", rel2])
             self.files[rel2] = {"encoding": still_enc.name, "kind": "still", "texts": []}
         return rel
+
+    def _cine(
+        self,
+        video: PhantomVideo,
+        study: Study,
+        composite: Composite,
+        enc: Encoding,
+        rng: np.random.Generator,
+        view: str,
+        instance: int,
+    ) -> tuple[str, Dataset]:
+        """Write one cine of the study (its header naming `view` as the vendor does); returns its path."""
+        g = self.geometry
+        frames, scale = composite.frames, 1.0
+        if RESIZED in enc.forms:
+            frames, scale = _downscale(frames), 0.5
+        ds = _base_dataset(
+            study.patient, study, self.vendor, self.site_index, UltrasoundMultiFrameImageStorage, instance, rng
+        )
+        name_view(ds, view, self.vendor.view_naming)
+        frame_time = 1000.0 / video.fps
+        ds.FrameTime = f"{frame_time:.3f}"
+        ds.FrameIncrementPointer = 0x00181063  # Frame Time
+        ds.CineRate = round(video.fps)
+        ds.RecommendedDisplayFrameRate = round(video.fps)
+        ds.HeartRate = round(video.heart.heart_rate)
+        # Resized cines keep the original regions: PACS exports and anonymisers do not rescale them.
+        ds.SequenceOfUltrasoundRegions = Sequence([_region(video, g)])
+        reference = encode_pixels(ds, frames, enc, video.fps)
+        self._forms(ds, enc, len(frames), frame_time, study)
+        rel = self._write(ds, enc, study, instance)
+        self.records.append([study.patient.subject_id, study.study_id, f"{study.when:%Y-%m-%d %H:%M:%S}", rel])
+        self.files[rel] = {
+            "encoding": enc.name,
+            "kind": "cine",
+            "view": view,
+            "rows": int(frames.shape[1]),
+            "columns": int(frames.shape[2]),
+            "frames": int(frames.shape[0]),
+            "scale": scale,
+            "screen": [g.rows, g.cols],
+            "region": [g.left, g.top, g.left + g.sector - 1, g.top + g.sector - 1],
+            "texts": [t.as_dict(scale) for t in composite.texts],
+        }
+        if self.references is not None:
+            self.references[rel] = reference
+        return rel, ds
 
     def _forms(self, ds: Dataset, enc: Encoding, n: int, frame_time: float, study: Study) -> None:
         if FRAME_TIME_VECTOR in enc.forms:
@@ -594,6 +646,7 @@ class DicomArchiveWriter:
             self._fileset.write(self.root / MEDIA_DIR)
         atomic_write_csv(self.root / "echo-record-list.csv", RECORD_COLUMNS, self.records)
         atomic_write_csv(self.root / "labels.csv", LABEL_COLUMNS, self.labels)
+        atomic_write_csv(self.root / STUDY_LABELS, STUDY_LABEL_COLUMNS, self.study_labels)
 
 
 __all__ = [

@@ -45,6 +45,9 @@ class Vendor:
     # How this scanner (and its PACS) stores cines: names from fedecho.synth.encodings.ENCODINGS,
     # used in turn, cine by cine.
     encodings: tuple[str, ...] = ("jpeg_ybr422",)
+    # Where its headers name a cine's view (fedecho.data.views): "code" (View Code Sequence), "name"
+    # (View Name), "series" (Series Description only) or "none".
+    view_naming: str = "code"
 
     def sample_ef(self, rng: np.random.Generator) -> float:
         return float(np.clip(rng.normal(self.ef_mean, self.ef_sd), 0.18, 0.82))
@@ -52,6 +55,8 @@ class Vendor:
     def as_dict(self) -> dict[str, float | str | list[str]]:
         return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in self.__dataclass_fields__}
 
+
+VIEW_NAMINGS = ("code", "name", "series", "none")
 
 REFERENCE = Vendor(
     name="reference",
@@ -98,6 +103,7 @@ def make_vendors(n_sites: int, seed: int) -> list[Vendor]:
                 ef_sd=float(rng.uniform(0.08, 0.13)),
                 heart_rate=float(rng.uniform(64.0, 86.0)),
                 encodings=("jpeg_ybr422",) if k % 3 != 2 else ("explicit_mono2",),
+                view_naming=VIEW_NAMINGS[k % len(VIEW_NAMINGS)],
             )
         )
     return vendors
