@@ -9,7 +9,10 @@ reached a PLAX cine could only have come from ignoring it.
 from __future__ import annotations
 
 import csv
+import functools
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -229,3 +232,19 @@ def test_the_view_vocabulary() -> None:
     ds.ViewCodeSequence = [item]
     ds.ViewName = "PLAX"  # the coded view comes first
     assert ViewFilter().view(ds) == ("A4C", "View Code Sequence")
+
+
+def test_a_scan_in_worker_processes_is_the_scan_in_one(archive: Path, tmp_path: Path) -> None:
+    """At archive scale `data add` reads headers in worker processes: the same records, problems (with
+    their reasons) and study counts, in the same order, as one process."""
+    site = tmp_path / "site"
+    shutil.copytree(archive / "site02", site)
+    blob = next(site.rglob("*_0001.dcm")).read_bytes()
+    (site / "cut.dcm").write_bytes(blob[: len(blob) // 2])
+    src = DicomArchiveSource(site, labels=site / STUDY_LABELS, require_labels=False)
+    one = src.scan()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        two = src.scan(map_fn=functools.partial(pool.map, chunksize=2))
+    assert two.records == one.records and len(one.records) == 9
+    assert two.problems == one.problems and "truncated" in {p.reason for p in one.problems}
+    assert two.studies == one.studies and one.studies is not None and one.studies.labelled_cines == 3

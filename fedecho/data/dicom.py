@@ -16,13 +16,14 @@ values: those can hold patient data.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1084,6 +1085,52 @@ def to_uint8(frame: np.ndarray, ds: Dataset, shift: int | None = None) -> np.nda
     return frame
 
 
+@dataclass(frozen=True)
+class CineHeader:
+    """What a scan keeps of one cine's header: small and picklable, so worker processes can read it."""
+
+    n_frames: int
+    fps: float | None
+    patient: str  # Patient ID: grouping at the site only (it is hashed before anything is stored)
+    sop_uid: str
+    study_uid: str
+    view: str | None  # as fedecho.data.views reads it, and from where
+    view_source: str
+    transfer_syntax: str
+    inferred: bool
+    photometric: str
+    rows: int
+    columns: int
+
+
+def scan_file(path: Path, min_frames: int, view_filter: ViewFilter) -> CineHeader | BadFile | None:
+    """One file's header read and checked: a cine's facts, the reason it is not one, or None for a DICOMDIR.
+    Any process may run it (the archive scan's map)."""
+    try:
+        header = read_file_header(path)
+        ds = header.ds
+        if is_dicomdir(ds):
+            return None
+        n_frames = check_header(ds, min_frames, layout=header.pixels)
+    except BadFile as e:
+        return e
+    view, source = view_filter.view(ds)
+    return CineHeader(
+        n_frames=n_frames,
+        fps=frame_rate(ds),
+        patient=str(ds.get("PatientID", "") or ""),
+        sop_uid=str(ds.get("SOPInstanceUID", "") or "").strip(),
+        study_uid=str(ds.get("StudyInstanceUID", "") or "").strip(),
+        view=view,
+        view_source=source,
+        transfer_syntax=str(header.transfer_syntax),
+        inferred=header.inferred,
+        photometric=str(ds.get("PhotometricInterpretation", "")),
+        rows=_int(ds, "Rows", 0),
+        columns=_int(ds, "Columns", 0),
+    )
+
+
 @register_source
 class DicomArchiveSource(EchoSource):
     """Options: labels (CSV path, per file or per study: fedecho.data.labels), min_frames (default 8),
@@ -1141,52 +1188,54 @@ class DicomArchiveSource(EchoSource):
                 targets["as_class"] = float(int(g))
         return targets
 
-    def scan(self) -> ScanResult:
+    def candidates(self) -> list[Path]:
+        """Every file the scan reads, in a fixed order (sorted folder by folder)."""
+        out: list[Path] = []
+        for dirpath, dirnames, names in os.walk(self.root):
+            dirnames.sort()
+            out.extend(p for name in sorted(names) if _is_candidate(p := Path(dirpath) / name))
+        return out
+
+    def scan(self, map_fn: Callable[..., Iterable[CineHeader | BadFile | None]] = map) -> ScanResult:
+        """map_fn runs scan_file over the files (the builtin map; at archive scale a process pool's,
+        since reading headers is most of a scan); labels are joined here, in file order."""
         table = LabelTable(self.labels_path, self.root, self.view_filter) if self.labels_path else None
         records: list[VideoRecord] = []
         problems: list[Problem] = []
-        for dirpath, dirnames, names in os.walk(self.root):
-            dirnames.sort()
-            for name in sorted(names):
-                path = Path(dirpath) / name
-                if not _is_candidate(path):
-                    continue
-                rel = relative(path, self.root)
-                try:
-                    header = read_file_header(path)
-                    ds = header.ds
-                    if is_dicomdir(ds):
-                        continue  # the archive's index, whatever its name
-                    n_frames = check_header(ds, self.min_frames, layout=header.pixels)
-                except BadFile as e:
-                    problems.append(Problem(rel, e.reason, e.detail))
-                    continue
-                row, why_not = table.for_cine(ds, rel) if table else (None, "")
-                if row is None and self.require_labels:
-                    where = self.labels_path.name if self.labels_path else "labels"
-                    problems.append(Problem(rel, Reason.MISSING_LABEL, why_not or f"not in {where}"))
-                    continue
-                targets = self._targets(row) if row else {}
-                records.append(
-                    VideoRecord(
-                        key=rel,
-                        files=(path,),
-                        split=(row.get("split", "") if row else "").strip().lower() or "train",
-                        targets=targets,
-                        fps=frame_rate(ds),
-                        n_frames=n_frames,
-                        group=str(ds.get("PatientID", "")) or None,
-                        meta={
-                            "split_given": bool(row and row.get("split", "").strip()),
-                            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-                            "transfer_syntax": str(header.transfer_syntax),
-                            "transfer_syntax_inferred": header.inferred,
-                            "photometric": str(ds.get("PhotometricInterpretation", "")),
-                            "rows": _int(ds, "Rows", 0),
-                            "columns": _int(ds, "Columns", 0),
-                        },
-                    )
+        paths = self.candidates()
+        read = functools.partial(scan_file, min_frames=self.min_frames, view_filter=self.view_filter)
+        for path, cine in zip(paths, map_fn(read, paths), strict=True):
+            rel = relative(path, self.root)
+            if cine is None:
+                continue  # a DICOMDIR: the archive's index, whatever its name
+            if isinstance(cine, BadFile):
+                problems.append(Problem(rel, cine.reason, cine.detail))
+                continue
+            row, why_not = table.for_cine(rel, cine) if table else (None, "")
+            if row is None and self.require_labels:
+                where = self.labels_path.name if self.labels_path else "labels"
+                problems.append(Problem(rel, Reason.MISSING_LABEL, why_not or f"not in {where}"))
+                continue
+            records.append(
+                VideoRecord(
+                    key=rel,
+                    files=(path,),
+                    split=(row.get("split", "") if row else "").strip().lower() or "train",
+                    targets=self._targets(row) if row else {},
+                    fps=cine.fps,
+                    n_frames=cine.n_frames,
+                    group=cine.patient or None,
+                    meta={
+                        "split_given": bool(row and row.get("split", "").strip()),
+                        "sop_instance_uid": cine.sop_uid,
+                        "transfer_syntax": cine.transfer_syntax,
+                        "transfer_syntax_inferred": cine.inferred,
+                        "photometric": cine.photometric,
+                        "rows": cine.rows,
+                        "columns": cine.columns,
+                    },
                 )
+            )
         if table is not None:
             for rel in table.paths:
                 if not (self.root / rel).is_file():

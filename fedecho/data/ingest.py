@@ -6,7 +6,8 @@ outside the ultrasound sector, and written as uint8 frames to DIR/videos/<record
 recorded in the manifest (DIR/site.db). A bad file is quarantined with its reason and the pass goes
 on; identical bytes are registered once.
 
-Archive scale (MIMIC-IV-ECHO holds 525,328 cines): the scan runs here, then worker processes
+Archive scale (MIMIC-IV-ECHO holds 525,328 cines): worker processes read a DICOM archive's headers
+for the scan (its labels are joined here, in file order), then worker processes
 (`workers`, one thread each, forked from a fork server, never from this process) hash, decode,
 de-identify and write each video to a temporary file (fsynced) under a dot name in DIR/videos. Only
 this process touches the manifest: it takes the workers' outcomes in scan order, decides duplicates,
@@ -22,6 +23,7 @@ frames are kept as published and their ids become pseudonyms like any other.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -55,8 +57,17 @@ from rich.text import Text
 from fedecho._env import environ
 from fedecho.data.cache import decode_video
 from fedecho.data.clips import to_uint8_gray_or_rgb
-from fedecho.data.dicom import read_header
-from fedecho.data.records import SPLITS, BadFile, Reason, SourceError, StudyCounts, VideoRecord, relative
+from fedecho.data.dicom import DicomArchiveSource, read_header
+from fedecho.data.records import (
+    SPLITS,
+    BadFile,
+    Reason,
+    ScanResult,
+    SourceError,
+    StudyCounts,
+    VideoRecord,
+    relative,
+)
 from fedecho.data.source import EchoSource, open_source
 from fedecho.privacy.deid import (
     blank_outside_sector,
@@ -386,6 +397,21 @@ class _Pool:
             self._lifeline.close()
 
 
+SCAN_CHUNK = 64  # headers a scan worker reads per task
+
+
+def _scan(src: EchoSource, workers: int) -> ScanResult:
+    """The source's scan; a DICOM archive's headers are read by `workers` processes (at archive scale
+    the scan is hours in one process), its labels joined here. Same result as one process."""
+    if workers == 1 or not isinstance(src, DicomArchiveSource):
+        return src.scan()
+    with _one_thread_children(), ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+        try:
+            return src.scan(map_fn=functools.partial(pool.map, chunksize=SCAN_CHUNK))
+        except BrokenProcessPool:  # a header that kills its reader: read them all here, as one worker does
+            return src.scan()
+
+
 def _in_process(decoder: Decoder, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
     for job in jobs:
         yield job, decoder(job)
@@ -603,7 +629,7 @@ def ingest(
         sweep(site_dir, store)
         scanning = bar.add_task(f"{src.kind}: scanning", total=None)
         t_scan = time.perf_counter()
-        scan = src.scan()
+        scan = _scan(src, default_workers() if workers is None else max(1, workers))
         scan_seconds = time.perf_counter() - t_scan
         bar.remove_task(scanning)
         run = Ingest(src, site_dir, salt, store)

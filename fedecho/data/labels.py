@@ -17,12 +17,14 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING
 
 from fedecho.data.records import SourceError, StudyCounts
 from fedecho.data.source import read_csv_rows
 from fedecho.data.views import ViewFilter
+
+if TYPE_CHECKING:
+    from fedecho.data.dicom import CineHeader
 
 LABEL_ALIASES = {
     "path": ["dicom_filepath", "file", "filepath", "relative_path"],
@@ -103,12 +105,10 @@ class LabelTable:
             self._record_list = {r["path"].removeprefix("./"): _study_id(r["study_id"]) for r in rows if r.get("path")}
         return self._record_list
 
-    def study_row(self, ds: Dataset, rel: str) -> Row | None:
-        """The study row this cine's study has, by StudyInstanceUID or by study_id."""
-        if self.index["study_instance_uid"]:
-            uid = str(ds.get("StudyInstanceUID", "") or "").strip()
-            if uid and uid in self.index["study_instance_uid"]:
-                return self.index["study_instance_uid"][uid]
+    def study_row(self, rel: str, study_uid: str) -> Row | None:
+        """The study row of this cine's study, by StudyInstanceUID or by study_id."""
+        if study_uid and study_uid in self.index["study_instance_uid"]:
+            return self.index["study_instance_uid"][study_uid]
         if self.index["study_id"]:
             sid = self._study_ids().get(rel)
             if sid is None:
@@ -118,16 +118,15 @@ class LabelTable:
                 return self.index["study_id"].get(sid)
         return None
 
-    def for_cine(self, ds: Dataset, rel: str) -> tuple[Row | None, str]:
+    def for_cine(self, rel: str, cine: CineHeader) -> tuple[Row | None, str]:
         """(the row that labels this cine, or None; why a labelled study's cine took no label)."""
-        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-        row = self.index["path"].get(rel) or (self.index["sop_instance_uid"].get(uid) if uid else None)
+        row = self.index["path"].get(rel) or self.index["sop_instance_uid"].get(cine.sop_uid)
         if row is not None:
             return row, ""
-        study = self.study_row(ds, rel)
+        study = self.study_row(rel, cine.study_uid)
         if study is None:
             return None, ""
-        view, source = self.filter.view(ds)
+        view, source = cine.view, cine.view_source
         accepted = self.filter.accepts(view)
         self._seen[id(study)].append(accepted)
         if accepted:

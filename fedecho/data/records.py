@@ -53,6 +53,9 @@ class BadFile(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[BadFile], tuple[Reason, str]]:
+        return BadFile, (self.reason, self.detail)  # crosses process boundaries (parallel scans) intact
+
 
 class SourceError(ValueError):
     """The dataset as a whole is malformed (missing index file or column)."""
