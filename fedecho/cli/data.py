@@ -6,23 +6,14 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedecho.data import (
-    ClipSampler,
-    EchoVideoDataset,
-    FrameCache,
-    SourceError,
-    StudyCounts,
-    detect_source,
-    open_source,
-)
-from fedecho.privacy.deid import SALT_FILE, PrivacyError, load_or_create_salt, pseudonym
-from fedecho.synth import MANIFEST
+if TYPE_CHECKING:
+    from fedecho.data import StudyCounts
 
 app = typer.Typer(
     help="Inspect echo data sources (EchoNet-Dynamic, CAMUS, TMED-2, DICOM archives, registered site folders) "
@@ -33,6 +24,9 @@ app = typer.Typer(
 
 def _roots(path: Path, kind: str) -> list[Path]:
     """The folder itself if it is a source, else its site sub-folders (a multi-site phantom)."""
+    from fedecho.data import SourceError, detect_source
+    from fedecho.synth import MANIFEST
+
     manifest = path / MANIFEST
     if manifest.is_file():
         sites = json.loads(manifest.read_text()).get("sites", [])
@@ -46,6 +40,8 @@ def _roots(path: Path, kind: str) -> list[Path]:
 
 
 def _fmt(values: list[float]) -> str:
+    import numpy as np
+
     if not values:
         return "-"
     a = np.asarray(values)
@@ -75,6 +71,10 @@ def inspect(
 
     Example: fedecho data inspect data/phantom --cache data/cache
     """
+    import numpy as np
+
+    from fedecho.data import ClipSampler, EchoVideoDataset, FrameCache, SourceError, open_source
+
     console = Console()
     frame_cache = FrameCache(cache)
     sampler = ClipSampler(length, period)
@@ -201,7 +201,9 @@ def add(
 
     Example: fedecho data add /archive/echo --site-dir /data/fedecho-site --labels site-labels.csv --workers 16
     """
+    from fedecho.data import SourceError
     from fedecho.data.ingest import WorkerError, ingest
+    from fedecho.privacy.deid import PrivacyError
 
     console = Console()
     if labels is not None and not labels.is_file():
@@ -273,6 +275,8 @@ def _print_study_labels(console: Console, c: StudyCounts, views: str) -> None:
 
 def _resolve_paths(source: Path, salt: bytes) -> dict[str, str]:
     """Salted path hash -> path relative to SOURCE, for every file under it (names stay at the site)."""
+    from fedecho.privacy.deid import pseudonym
+
     out: dict[str, str] = {}
     for dirpath, dirnames, names in os.walk(source):
         dirnames.sort()
@@ -328,6 +332,8 @@ def report(
     if quarantined and limit:
         paths: dict[str, str] = {}
         if source is not None:
+            from fedecho.privacy.deid import SALT_FILE, PrivacyError, load_or_create_salt
+
             if not (site_dir / SALT_FILE).is_file():
                 raise _fail(console, f"{site_dir}: no {SALT_FILE}; cannot name files")
             try:

@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedecho.models import CheckpointError, create_model, list_models, save_checkpoint
-
 app = typer.Typer(help="The model zoo and import of published VideoMAE / Echo-Vision-FM weights.", no_args_is_help=True)
 
 
@@ -19,6 +17,8 @@ def list_cmd() -> None:
 
     Example: fedecho model list
     """
+    from fedecho.models import create_model, list_models
+
     table = Table(title="fedecho model zoo")
     for col in ("name", "input", "encoder", "decoder", "tokens", "encoder params", "STF-Net params (EF head)"):
         table.add_column(col, justify="right" if col != "name" else "left")
@@ -46,6 +46,7 @@ def import_cmd(
 
     Example: fedecho model import ./echo-vision-fm-weights --out weights/echo_vision_fm.safetensors
     """
+    from fedecho.models import CheckpointError, save_checkpoint
     from fedecho.models.convert import import_weights
 
     try:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedecho._env import set_torch_threads
-from fedecho.data import AS_CLASSES
-from fedecho.models import CheckpointError
-from fedecho.predict import InputError, Prediction, columns, expand_input, load_predictor, row, try_predict
 from fedecho.storage.files import atomic_write_csv
-from fedecho.train import pick_device
+
+if TYPE_CHECKING:
+    from fedecho.predict import Prediction
 
 SAVE_EVERY_S = 10.0  # a long batch rewrites its CSV this often, so a crash keeps the rows done so far
 
@@ -30,6 +29,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _table(p: Prediction) -> Table:
+    from fedecho.data.records import AS_CLASSES
+
     table = Table(title=f"{p.file.name}: {p.frames} frames, {p.clips} clips averaged")
     table.add_column("head")
     table.add_column("estimate", justify="right")
@@ -67,6 +68,11 @@ def predict(
 
     Many: fedecho predict data/phantom --checkpoint runs/tiny/finetune/model.safetensors --out predictions.csv
     """
+    from fedecho._env import set_torch_threads
+    from fedecho.models import CheckpointError
+    from fedecho.predict import InputError, columns, expand_input, load_predictor, row, try_predict
+    from fedecho.train import pick_device
+
     if out is not None and out.is_dir():
         raise _fail(f"--out {out}: is a folder; give a CSV file name")
     if out is not None and Path(video).is_file() and out.resolve() == Path(video).resolve():

@@ -12,12 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedecho.data import SourceError
-from fedecho.fl.config import load_fed_run_config
-from fedecho.models import CheckpointError
 from fedecho.report import fmt_round
 from fedecho.storage.store import DEFAULT_STATE, Store, store_url
-from fedecho.train import ConfigError
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -56,8 +52,12 @@ def sim(
 
     Example: fedecho sim --config configs/quickstart.toml --sites 3
     """
+    from fedecho.data import SourceError
+    from fedecho.fl.config import load_fed_run_config
+    from fedecho.models import CheckpointError
     from fedecho.server.rounds import RoundFailed
     from fedecho.sim.run import simulate
+    from fedecho.train import ConfigError
 
     console = Console()
     try:

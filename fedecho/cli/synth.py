@@ -8,9 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedecho.synth import synthesize
-from fedecho.synth.encodings import resolve
-
 
 def synth(
     out: Path = typer.Argument(..., help="Output folder (created)."),
@@ -42,6 +39,9 @@ def synth(
 
     Example: fedecho synth data/phantom --videos 300 --sites 5 --format echonet --seed 0
     """
+    from fedecho.synth import synthesize
+    from fedecho.synth.encodings import resolve
+
     try:
         names = resolve(encodings)
     except ValueError as e:

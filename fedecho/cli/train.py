@@ -10,9 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from fedecho._env import set_torch_threads
-from fedecho.data import SourceError
-from fedecho.models import CheckpointError
-from fedecho.train import ConfigError, evaluate_checkpoint, load_run_config, train_phase
 
 app = typer.Typer(help="Train locally: masked-autoencoder pre-training, fine-tuning, evaluation.", no_args_is_help=True)
 
@@ -35,6 +32,10 @@ def _out(out: Path | None, config: Path, phase: str) -> Path:
 def _run(
     phase: str, config: Path, data: Path | None, out: Path | None, resume: bool, init: Path | None, device: str | None
 ) -> None:
+    from fedecho.data import SourceError
+    from fedecho.models import CheckpointError
+    from fedecho.train import ConfigError, load_run_config, train_phase
+
     set_torch_threads()
     try:
         cfg = load_run_config(config)
@@ -100,6 +101,10 @@ def evaluate_cmd(
 
     Example: fedecho train evaluate --config configs/phantom_tiny.toml --checkpoint runs/tiny/finetune/model.safetensors
     """
+    from fedecho.data import SourceError
+    from fedecho.models import CheckpointError
+    from fedecho.train import ConfigError, evaluate_checkpoint, load_run_config
+
     set_torch_threads()
     if split not in ("train", "val", "test"):
         raise typer.BadParameter("must be train, val or test", param_hint="--split")
