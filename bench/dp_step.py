@@ -3,7 +3,7 @@
     python bench/dp_step.py --configs echo_vit_tiny:8,echo_vit_small:4 --steps 5
 
 Both arms train the same model (STF-Net with GroupNorm, which DP-SGD needs) on the same random
-clips; the DP arm computes each sample's gradient, clips it and adds noise (fedecho.privacy.dp.PrivateTraining,
+clips; the DP arm computes each sample's gradient, clips it and adds noise (fedecho.train.dp.PrivateTraining,
 Poisson sampling at rate 1 so every step sees the whole batch). The arms' steps alternate and each step
 is timed in this process's CPU seconds (both arms use the same --threads), so other work on a shared
 machine does not enter the ratio; the median step of each arm counts. With --device cuda both arms
@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedecho.models import create_model
 from fedecho.models.lora import LoraSpec, apply_lora
-from fedecho.privacy.dp import PrivateTraining
 from fedecho.privacy.dp_policy import DPPlan
 from fedecho.train import Trainer
 from fedecho.train.config import PhaseSection
+from fedecho.train.dp import PrivateTraining
 
 TARGET = 1.3
 

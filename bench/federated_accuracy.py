@@ -42,9 +42,10 @@ import torch
 from _table import table_row
 from rich.console import Console
 
-from fedecho.client.local import build_model, site_datasets
+from fedecho.client.local import site_datasets
 from fedecho.client.policy import SMALL_PHANTOM_POLICY
 from fedecho.fl.config import FedRunConfig, load_fed_run_config
+from fedecho.fl.protocol import build_model
 from fedecho.models import load_checkpoint
 from fedecho.sim.compare import _trained, centralized, score
 from fedecho.sim.run import SimSites, simulate, site_layout

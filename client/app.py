@@ -13,36 +13,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedecho._env import set_torch_threads
 from fedecho.client.audit import audit_message, manifest_sha256
-from fedecho.client.local import MissingFrozen, Site, site_evaluate, site_train
-from fedecho.client.policy import enforce
+from fedecho.client.local import MissingFrozen, site_evaluate, site_train
+from fedecho.client.site import Site
 from fedecho.fl.config import parse_run_config, round_seed
 from fedecho.fl.exchange import UpdateError, decode, encode
 from fedecho.fl.methods import CONTROL
 from fedecho.fl.packing import unpack
+from fedecho.fl.protocol import (
+    ERROR_BAD_MESSAGE,
+    ERROR_FAILED,
+    ERROR_MISSING_FROZEN,
+    ERROR_REFUSED,
+    Refused,
+    error_reply,
+)
 from fedecho.privacy.dp_policy import PrivacyRefused
 
+if TYPE_CHECKING:
+    from fedecho.client.site import SiteResolver
+
 log = logging.getLogger("fedecho.client")
-
-SiteResolver = Callable[[Context], Site]
-
-# Error codes of fedecho's refusals and failures (Flower reserves small numbers for its own).
-ERROR_FAILED = 100
-ERROR_MISSING_FROZEN = 101
-ERROR_BAD_MESSAGE = 102
-ERROR_REFUSED = 103  # the site's policy or privacy budget says no: the server records a refusal
-
-
-class Refused(Exception):
-    """Raised by a site-side check (policy, privacy budget, code approval) before any data is touched."""
 
 
 def site_from_node_config(context: Context) -> Site:
@@ -73,10 +71,6 @@ def _options(msg: Message) -> dict[str, Any]:
     return dict(msg.content["config"])
 
 
-def _error(msg: Message, code: int, reason: str) -> Message:
-    return Message(Error(code=code, reason=reason), reply_to=msg)
-
-
 def build_client_app(resolve: SiteResolver) -> ClientApp:
     app = ClientApp()
 
@@ -85,7 +79,9 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             site = resolve(context)
         except (KeyError, ValueError, OSError) as e:  # the site's own configuration: details stay in its log
             log.error("site configuration: %s", e)
-            return _error(msg, ERROR_FAILED, f"the site's configuration is invalid ({type(e).__name__}; see its log)")
+            return error_reply(
+                msg, ERROR_FAILED, f"the site's configuration is invalid ({type(e).__name__}; see its log)"
+            )
         set_torch_threads()  # after resolve: the site's `threads` setting applies
         try:
             options = _options(msg)
@@ -97,11 +93,11 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             if CONTROL in msg.content:  # SCAFFOLD: the server's control variate
                 control = decode(unpack(msg.content[CONTROL]), str(options["wire-dtype"]))
         except (KeyError, ValueError, UpdateError) as e:
-            return _error(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
+            return error_reply(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
         info = ConfigRecord({"site": site.name})
         manifest = None
         try:
-            allowed = enforce(site, cfg, phase, train)  # the site's policy, before any data access
+            allowed = site.enforce(cfg, phase, train)  # the site's policy, before any data access
             manifest = manifest_sha256(site.data, site.labels)
             if train:
                 update, metrics, change = site_train(cfg, phase, received, site, options, control)
@@ -126,17 +122,17 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             log.warning("site %s refused: %s", site.name, e)
             with contextlib.suppress(Exception):  # the refusal goes out even if the log cannot be written
                 audit_message(site, msg, options, "refused", str(e), manifest=manifest)
-            return _error(msg, ERROR_REFUSED, f"refused by site {site.name}: {e}")
+            return error_reply(msg, ERROR_REFUSED, f"refused by site {site.name}: {e}")
         except MissingFrozen as e:
             with contextlib.suppress(Exception):
                 audit_message(site, msg, options, "failed", str(e), manifest=manifest)
-            return _error(msg, ERROR_MISSING_FROZEN, str(e))
+            return error_reply(msg, ERROR_MISSING_FROZEN, str(e))
         except Exception as e:
             log.exception("site %s: %s failed", site.name, "training" if train else "evaluation")
             with contextlib.suppress(Exception):
                 audit_message(site, msg, options, "failed", f"{type(e).__name__}: {e}", manifest=manifest)
             # Only the exception's type leaves the site: its message may name local files or records.
-            return _error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__} (details in the site's log)")
+            return error_reply(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__} (details in the site's log)")
         return Message(content, reply_to=msg)
 
     @app.train()
@@ -158,4 +154,4 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
 
 app = build_client_app(site_from_node_config)
 
-__all__ = ["ERROR_REFUSED", "Refused", "Site", "SiteResolver", "app", "build_client_app", "site_from_node_config"]
+__all__ = ["app", "build_client_app", "site_from_node_config"]

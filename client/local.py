@@ -12,51 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from fedecho.client.policy import SitePolicy, enforce_data
+from fedecho.client.site import Site
 from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
 from fedecho.fl.methods import SiteCarry, control_change, control_keys, run_key, scaffold_correct
-from fedecho.models import EchoVisionFM, create_model
+from fedecho.fl.protocol import build_model
+from fedecho.models import EchoVisionFM
 from fedecho.models.checkpoint import load_state
-from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy, kept_units, plan_round
+from fedecho.privacy.dp_policy import kept_units, plan_round
 from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
-
-
-@dataclass
-class Site:
-    """One hospital as the ClientApp sees it: its name, its data and its private state folder."""
-
-    name: str
-    data: Path
-    cache: Path
-    state: Path
-    labels: str = ""
-    device: str | None = None
-    partition: tuple[int, int] | None = None  # simulation: the k-th of n virtual hospitals of one dataset
-    policy: SitePolicy | None = None  # [policy] of site.toml; None: the default policy (fedecho.client.policy)
-    privacy: PrivacyPolicy = DEFAULT_PRIVACY  # [privacy] of site.toml: DP-SGD, budget, delta (fedecho.privacy)
 
 
 class MissingFrozen(RuntimeError):
     """The site lacks the frozen tensors this round needs (the server sends them next time)."""
-
-
-def build_model(cfg: FedRunConfig, phase: str) -> EchoVisionFM:
-    local = cfg.local
-    if phase == "pretrain":
-        return create_model(local.model_name, decoder=True, **local.model_overrides)
-    tasks = list(cfg.phase("finetune").tasks)
-    model = create_model(local.model_name, decoder=False, **{**local.model_overrides, "tasks": tasks})
-    from fedecho.models.lora import apply_lora, phase_spec
-
-    return apply_lora(model, phase_spec(cfg.phase("finetune")))  # unchanged unless [finetune] lora_rank > 0
 
 
 def load_received(
@@ -79,9 +52,7 @@ def load_received(
 def site_datasets(
     cfg: FedRunConfig, model: EchoVisionFM, phase: str, site: Site, seed: int
 ) -> dict[str, EchoVideoDataset]:
-    local = dataclasses.replace(cfg.local, data=dataclasses.replace(cfg.local.data, cache=str(site.cache)))
-    if site.labels:
-        local.data.labels = site.labels
+    local = cfg.local.with_data(cache=str(site.cache), **({"labels": site.labels} if site.labels else {}))
     tasks = tuple(cfg.phase("finetune").tasks) if phase == "finetune" else ()
     return make_datasets(local, model, tasks, site.data, seed, site.partition)
 
@@ -118,13 +89,13 @@ def site_train(
     train = sets["train"]
     if phase == "finetune" and cfg.local.data.label_fraction < 1:
         train.limit(cfg.local.data.label_fraction, pcfg.seed)
-    enforce_data(site, "the training set", train.records)
+    site.enforce_data("the training set", train.records)
     plan = plan_round(site.privacy, cfg.dp, [r.group for r in train.records], pcfg.batch_size, pcfg.steps, pcfg.epochs)
     entry = None
     run = f"{cfg.run.name} (run {options.get('run-id', '?')})"
     server_round = int(options.get("server-round", 0))
     if plan is not None:  # DP-SGD: reserved in the site's ledger (or refused) before any video is decoded
-        from fedecho.privacy.dp import reserve_round  # Opacus loads only where DP is used
+        from fedecho.train.dp import reserve_round  # Opacus loads only where DP is used
 
         entry = reserve_round(
             model, plan, site.state, run=run, phase=phase, server_round=server_round,
@@ -134,7 +105,7 @@ def site_train(
     train.prepare(progress=False)
     if not len(train):
         raise ValueError(f"site {site.name} has no usable training videos for {phase}")
-    enforce_data(site, "the training set (after dropping videos that do not decode)", train.records)
+    site.enforce_data("the training set (after dropping videos that do not decode)", train.records)
     if plan is not None:
         plan = kept_units(plan, [planned[r.key] for r in train.records])
     lr = float(options["lr"])
@@ -170,7 +141,7 @@ def site_train(
     epoch = 0
     private: dict[str, float] = {}
     if plan is not None:
-        from fedecho.privacy.dp import train_private_round
+        from fedecho.train.dp import train_private_round
 
         res, private = train_private_round(
             trainer, train, plan, site.state, run=run, phase=phase, server_round=server_round,
@@ -218,9 +189,9 @@ def site_evaluate(
     val = sets["val_clips" if phase == "pretrain" else "val"]
     if not val.records:  # no validation split here: nothing is computed, nothing but the count leaves
         return {"num-examples": 0.0}
-    enforce_data(site, "the validation split", val.records)  # before any video is decoded
+    site.enforce_data("the validation split", val.records)  # before any video is decoded
     val.prepare(progress=False)
-    enforce_data(site, "the validation split (after dropping videos that do not decode)", val.records)
+    site.enforce_data("the validation split (after dropping videos that do not decode)", val.records)
     if phase == "pretrain":
         loss = pretrain_loss(model, val, pcfg.batch_size, pcfg.seed)
         return {"num-examples": float(len(val)), "val_loss": loss}

@@ -20,9 +20,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedecho._toml import Table
+
+if TYPE_CHECKING:
+    from fedecho.fl.config import FedRunConfig
 
 PHASES = ("pretrain", "finetune")
 # Defaults of a policy without those fields. Ten videos from at least five patients behind every update and
@@ -156,7 +159,7 @@ def parse_policy(raw: dict[str, Any], path: Path) -> SitePolicy:
     return policy
 
 
-def request_from(cfg: Any, phase: str, train: bool) -> Request:
+def request_from(cfg: FedRunConfig, phase: str, train: bool) -> Request:
     """The Request of a parsed run file (FedRunConfig) for one phase; reads nothing but the message."""
     pcfg = cfg.phase(phase)
     return Request(
@@ -170,44 +173,6 @@ def request_from(cfg: Any, phase: str, train: bool) -> Request:
     )
 
 
-def train_video_count(data: Path, labels: str = "", partition: tuple[int, int] | None = None) -> int:
-    """Training videos of a site from its data index (file lists, headers): no frame is decoded."""
-    from fedecho.data.source import open_source
-    from fedecho.train.run import partition_of
-
-    source = open_source(data, **({"labels": labels} if labels else {}))
-    records = [r for r in source.scan().records if r.split == "train"]
-    if partition is not None:
-        records = [r for r in records if partition_of(r, partition[1]) == partition[0]]
-    return len(records)
-
-
-def enforce_data(site: Any, what: str, records: Sequence[Any]) -> None:
-    """Refuse (the ClientApp's Refused) when the videos behind this round's update or metric (`records`: the
-    data index's VideoRecords, nothing decoded) are fewer than the site's policy allows."""
-    from fedecho.client.app import Refused
-
-    policy = getattr(site, "policy", None) or DEFAULT_POLICY
-    decision = policy.check_data(what, [r.group for r in records])
-    if not decision.allowed:
-        raise Refused(f"policy: {decision.reason}")
-
-
-def enforce(site: Any, cfg: Any, phase: str, train: bool) -> str:
-    """Check a message against the site's policy before any data access; raise Refused (the ClientApp's
-    refusal) on a violation, return the reason it was allowed otherwise."""
-    from fedecho.client.app import Refused
-
-    policy = getattr(site, "policy", None) or DEFAULT_POLICY
-    partition = getattr(site, "partition", None)
-    decision = policy.check(
-        request_from(cfg, phase, train), lambda: train_video_count(site.data, site.labels, partition)
-    )
-    if not decision.allowed:
-        raise Refused(f"policy: {decision.reason}")
-    return decision.reason
-
-
 __all__ = [
     "DEFAULT_MAX_LOCAL_STEPS",
     "DEFAULT_MIN_PATIENTS",
@@ -216,9 +181,6 @@ __all__ = [
     "Decision",
     "Request",
     "SitePolicy",
-    "enforce",
-    "enforce_data",
     "parse_policy",
     "request_from",
-    "train_video_count",
 ]

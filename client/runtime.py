@@ -54,10 +54,9 @@ from typing import Any
 
 from fedecho.client.approval import Bundle, BundleError, judge, read_bundle
 from fedecho.client.audit import BUNDLE_ENV, SiteLog
+from fedecho.fl.protocol import ERROR_REFUSED
 
 log = logging.getLogger("fedecho.client.runtime")
-
-ERROR_REFUSED = 103  # fedecho.client.app.ERROR_REFUSED (not imported: that module loads torch)
 
 
 class BundleRefused(RuntimeError):

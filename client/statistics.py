@@ -23,13 +23,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from fedecho._env import set_torch_threads
 from fedecho.client.audit import audit_message, manifest_sha256
-from fedecho.client.local import MissingFrozen, Site, build_model, load_received, site_datasets
-from fedecho.client.policy import enforce, enforce_data
+from fedecho.client.local import MissingFrozen, load_received, site_datasets
+from fedecho.client.site import Site
 from fedecho.data import EchoVideoDataset
 from fedecho.device import autocast, pick_device
 from fedecho.fl.config import FedRunConfig, parse_run_config, round_seed
 from fedecho.fl.exchange import UpdateError, decode
 from fedecho.fl.packing import unpack
+from fedecho.fl.protocol import (
+    ERROR_BAD_MESSAGE,
+    ERROR_FAILED,
+    ERROR_MISSING_FROZEN,
+    ERROR_REFUSED,
+    Refused,
+    build_model,
+)
+from fedecho.fl.protocol import error_reply as error
 from fedecho.fl.statistics import (
     CLIP_SPREADS,
     HEAD_STATS,
@@ -53,16 +62,13 @@ from fedecho.models.heads import last_linear
 from fedecho.privacy.dp_policy import DPPlan, PrivacyRefused, kept_units, plan_round
 
 if TYPE_CHECKING:
-    from fedecho.client.app import SiteResolver
+    from fedecho.client.site import SiteResolver
 
 log = logging.getLogger("fedecho.client")
 
 
 def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Message:
     """The ClientApp's answer to a QUERY message: the statistics, or a refusal or failure as for training."""
-    from fedecho.client.app import ERROR_BAD_MESSAGE, ERROR_FAILED, ERROR_MISSING_FROZEN, ERROR_REFUSED, Refused
-    from fedecho.client.app import _error as error
-
     try:
         site = resolve(context)
     except (KeyError, ValueError, OSError) as e:  # the site's own configuration: details stay in its log
@@ -85,7 +91,7 @@ def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Messa
     kind = f"query.{question}"
     manifest = None
     try:
-        allowed = enforce(site, cfg, phase, False)  # the site's policy, before any data access
+        allowed = site.enforce(cfg, phase, False)  # the site's policy, before any data access
         manifest = manifest_sha256(site.data, site.labels)
         arrays, metrics = site_query(cfg, phase, received, site, options)
         content = RecordDict(
@@ -127,7 +133,7 @@ def site_query(
     train.prepare(progress=False)
     if not len(train):
         raise ValueError(f"site {site.name} has no usable training videos for {phase}")
-    enforce_data(site, "the training set (after dropping videos that do not decode)", train.records)
+    site.enforce_data("the training set (after dropping videos that do not decode)", train.records)
     weights = np.ones(len(train))
     if release is not None:
         release.keep([planned[r.key] for r in train.records])
@@ -153,7 +159,7 @@ def training_set(
     train = site_datasets(cfg, model, phase, site, seed)["train"]  # type: ignore[arg-type]
     if phase == "finetune" and cfg.local.data.label_fraction < 1:
         train.limit(cfg.local.data.label_fraction, cfg.phase(phase).seed)
-    enforce_data(site, "the training set", train.records)
+    site.enforce_data("the training set", train.records)
     return train
 
 

@@ -40,8 +40,6 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedecho.client.app import ERROR_REFUSED
-from fedecho.client.local import build_model
 from fedecho.fl.config import FedRunConfig, parse_run_config, round_lr, round_seed
 from fedecho.fl.exchange import (
     UpdateError,
@@ -59,6 +57,7 @@ from fedecho.fl.exchange import (
     wire_round,
 )
 from fedecho.fl.methods import CONTROL, ServerControl, control_keys
+from fedecho.fl.protocol import ERROR_REFUSED, build_model
 from fedecho.fl.strategies import (
     build_strategy,
     load_strategy_state,
@@ -727,7 +726,7 @@ class FederatedRun:
         tasks = tuple(pcfg.tasks) if phase == "finetune" else ()
         local = self.cfg.local
         if self.settings.eval_cache is not None:
-            local.data.cache = str(self.settings.eval_cache)
+            local = local.with_data(cache=str(self.settings.eval_cache))
         sets = make_datasets(local, model, tasks, data, pcfg.seed)
         if phase == "pretrain":
             held = sets["val_clips"]

@@ -21,9 +21,11 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import ConcatDataset, DataLoader
 
-from fedecho.client.local import Site, build_model, site_datasets
+from fedecho.client.local import site_datasets
+from fedecho.client.site import Site
 from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedPhaseSection, FedRunConfig, round_seed
+from fedecho.fl.protocol import build_model
 from fedecho.fl.strategies import server_optimizer_params
 from fedecho.models import EchoVisionFM, load_checkpoint
 from fedecho.models.lora import to_lora_state

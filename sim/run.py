@@ -29,8 +29,8 @@ from flwr.app import Context
 
 from fedecho._env import environ
 from fedecho.client.app import build_client_app
-from fedecho.client.local import Site
 from fedecho.client.policy import DEFAULT_POLICY, SitePolicy
+from fedecho.client.site import Site
 from fedecho.data.source import detect_source, open_source
 from fedecho.fl.config import FedRunConfig
 from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy

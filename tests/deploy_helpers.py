@@ -1,9 +1,9 @@
-"""Real Flower processes on loopback for the deployment tests: the harness lives in `fedecho.loopback`
+"""Real Flower processes on loopback for the deployment tests: the harness lives in `fedecho.sim.loopback`
 (shared with bench/federation.py); this module keeps the tests' import path."""
 
 from pathlib import Path
 
-from fedecho.loopback import (
+from fedecho.sim.loopback import (
     Deployment,
     free_port,
     kill_group,

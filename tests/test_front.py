@@ -28,12 +28,12 @@ from typer.testing import CliRunner
 from builders import tiny_run
 from fedecho._proc import flower_bin, flower_env, tail, wait_for
 from fedecho.cli import app
-from fedecho.loopback import PUBLIC_HOST
 from fedecho.security.certs import create_site_keys, init_certs, split_host_port
 from fedecho.server.config import load_server_config
 from fedecho.server.front import folder, start_front, stop_stale_front, sync_refusals
 from fedecho.server.submit import flwr_run
 from fedecho.server.superlink import list_nodes, list_runs
+from fedecho.sim.loopback import PUBLIC_HOST
 from fedecho.storage import Store
 from fedecho.storage.store import store_url
 

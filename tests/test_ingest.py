@@ -17,13 +17,14 @@ from typer.testing import CliRunner
 
 from builders import gradient_frames, header_phi, us_cine
 from fedecho.cli import app
-from fedecho.data import BadFile, EchoVideoDataset, Reason, decode_video, open_source
+from fedecho.data import EchoVideoDataset, Reason, decode_video, open_source
 from fedecho.data.clips import to_uint8_gray_or_rgb
 from fedecho.data.ingest import VIDEOS, ingest
 from fedecho.privacy.deid import (
     BASIC_PROFILE,
     KEPT,
     SALT_FILE,
+    NoSector,
     PrivacyError,
     blank_outside_sector,
     load_or_create_salt,
@@ -239,7 +240,7 @@ def test_profile_salt_and_blanking_units(tmp_path: Path) -> None:
         load_or_create_salt(tmp_path)
     boxes = [(5, 2, 14, 11), (20, 2, 24, 6)]
     still = np.full((4, 20, 30), 200, np.uint8)
-    with pytest.raises(BadFile, match="no_sector"):  # nothing moves: the fan cannot be told from text
+    with pytest.raises(NoSector, match="no moving sector"):  # nothing moves: the fan cannot be told from text
         blank_outside_sector(still, boxes)
     frames = still.copy()
     rng = np.random.default_rng(0)

@@ -13,12 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from builders import TINY_DATA, tiny_run
 from fedecho.client.audit import SiteLog
-from fedecho.client.local import Site, build_model
 from fedecho.client.policy import SitePolicy
+from fedecho.client.site import Site
 from fedecho.client.statistics import site_query
 from fedecho.data import EchoVideoDataset, open_source
 from fedecho.data.clips import ClipSampler
 from fedecho.fl.config import parse_run_config
+from fedecho.fl.protocol import build_model
 from fedecho.fl.statistics import (
     HEAD_STATS,
     TARGET_STATS,

@@ -29,12 +29,12 @@ from fedecho.models.lora import (
     to_lora_state,
     to_plain_state,
 )
-from fedecho.privacy.dp import PrivateTraining
 from fedecho.privacy.dp_policy import DPPlan
 from fedecho.sim.run import simulate
 from fedecho.storage import Store
 from fedecho.train import ConfigError, Trainer, load_run_config, read_metrics, train_phase
 from fedecho.train.config import PhaseSection
+from fedecho.train.dp import PrivateTraining
 from fedecho.train.run import init_encoder
 
 TINY = {"decoder": False, "num_frames": 8, "tasks": ["ef"]}

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from builders import TINY_DATA, TinyVideos, tiny_run
 from fedecho.cli import app as cli
 from fedecho.client.config import load_site_config
-from fedecho.client.local import Site, site_train
+from fedecho.client.local import site_train
+from fedecho.client.site import Site
 from fedecho.data import open_source
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.strategies import build_strategy, load_strategy_state, strategy_state
 from fedecho.models import create_model
-from fedecho.privacy.dp import PrivateTraining, check_private_model
 from fedecho.privacy.dp_policy import (
     DPPlan,
     PrivacyPolicy,
@@ -36,6 +36,7 @@ from fedecho.sim.run import simulate
 from fedecho.storage import Store
 from fedecho.train import ConfigError, Trainer
 from fedecho.train.config import PhaseSection
+from fedecho.train.dp import PrivateTraining, check_private_model
 
 # ------------------------------------------------------------------ DP-SGD steps
 

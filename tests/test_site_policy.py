@@ -17,13 +17,14 @@ from typer.testing import CliRunner
 from builders import TINY_DATA, tiny_run
 from fedecho._toml import ConfigError
 from fedecho.cli import app as cli
-from fedecho.client.app import ERROR_FAILED, ERROR_REFUSED, build_client_app
+from fedecho.client.app import build_client_app
 from fedecho.client.audit import SiteLog, audit_start
 from fedecho.client.config import check_data, load_site_config, settings_in_force
-from fedecho.client.local import Site
 from fedecho.client.policy import DEFAULT_POLICY, Request, SitePolicy, parse_policy
+from fedecho.client.site import Site
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.exchange import encode
+from fedecho.fl.protocol import ERROR_FAILED, ERROR_REFUSED
 from fedecho.privacy.dp_policy import PrivacyPolicy
 from fedecho.privacy.ledger import PrivacyLedger
 from fedecho.sim.run import simulate
@@ -123,7 +124,7 @@ def test_client_app_refuses_before_touching_data(
 
     monkeypatch.setattr("fedecho.client.app.site_train", touched)
     monkeypatch.setattr("fedecho.client.app.manifest_sha256", touched)
-    monkeypatch.setattr("fedecho.client.policy.train_video_count", touched)
+    monkeypatch.setattr("fedecho.client.site.train_video_count", touched)
     site = Site("h1", tmp_path / "no-data", tmp_path / "cache", tmp_path / "state", policy=policy)
     app = build_client_app(lambda context: site)
     reply = app(_message(run_toml, phase, MessageType.TRAIN), Context(1, 1, {}, RecordDict(), {}))

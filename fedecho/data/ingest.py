@@ -57,7 +57,7 @@ from rich.text import Text
 from fedecho._env import environ
 from fedecho.data.cache import decode_video
 from fedecho.data.clips import to_uint8_gray_or_rgb
-from fedecho.data.dicom import DicomArchiveSource, read_header
+from fedecho.data.dicom import DicomArchiveSource, read_header, tissue_boxes
 from fedecho.data.records import (
     SPLITS,
     BadFile,
@@ -70,9 +70,9 @@ from fedecho.data.records import (
 )
 from fedecho.data.source import EchoSource, open_source
 from fedecho.privacy.deid import (
+    NoSector,
     blank_outside_sector,
     deidentify,
-    dicom_region,
     identifying_values,
     load_or_create_salt,
     pseudonym,
@@ -246,6 +246,8 @@ class Decoder:
             return self._decode(job, sha, values)
         except BadFile as e:
             return Outcome("bad", sha, e.reason, scrub(e.detail, values))
+        except NoSector as e:
+            return Outcome("bad", sha, Reason.NO_SECTOR, str(e))
 
     def _decode(self, job: Job, sha: str, values: set[str]) -> Outcome:
         src, record = self.src, job.record
@@ -256,7 +258,7 @@ class Decoder:
             ds, _ = read_header(record.files[0])  # files without preamble or meta too; a BadFile names the reason
             values |= identifying_values(ds)
             header, names = deidentify(ds, self.salt)
-            region = dicom_region(ds)
+            region = tissue_boxes(ds)
             del ds  # nothing below may see the raw header
             frames = decode_video(src, record, None)
             frames, sector = blank_outside_sector(frames, region)
@@ -265,7 +267,7 @@ class Decoder:
                 transfer_syntax=header.transfer_syntax,
                 manufacturer=header.manufacturer,
                 model=header.model,
-                fps=header.fps,
+                fps=record.fps,
             )
             patient, study, series, instance = names.patient, names.study, names.series, names.instance
             given = bool(record.meta.get("split_given"))

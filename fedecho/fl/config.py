@@ -14,11 +14,12 @@ the number of rounds and the local work per round. Mistakes are errors that name
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fedecho._toml import check_sections, did_you_mean
+from fedecho.privacy.dp_policy import DPSection
 from fedecho.train.config import RUN_SECTIONS, ConfigError, PhaseSection, RunConfig, parse_sections, section
 
 PHASES = ("pretrain", "finetune")
@@ -41,15 +42,6 @@ class RunSection:
     # fedecho.fl.exchange.adaptive_norm_bound says why the lower median)
     norm_factor: float = 10.0
     keep_checkpoints: int = 3  # newest round checkpoints the server keeps per phase (0: every round's)
-
-
-@dataclass(frozen=True)
-class DPSection:
-    """[dp]: DP-SGD at every site, in both phases (each site adds its own floor on the noise and its budget)."""
-
-    enabled: bool = False
-    noise_multiplier: float = 1.0  # Gaussian noise std / max_grad_norm on each step's summed clipped gradients
-    max_grad_norm: float = 1.0  # per-sample (per-video, or per-patient) L2 clipping bound
 
 
 @dataclass
@@ -80,7 +72,7 @@ class FedRunConfig:
     local: RunConfig  # [model], [data], [pretrain], [finetune] as the local engine reads them
     text: str = ""  # the file's text: it travels to the sites with every round
     path: Path | None = None
-    dp: DPSection = DPSection()
+    dp: DPSection = field(default_factory=DPSection)
 
     @property
     def strategy_name(self) -> str:

@@ -24,9 +24,6 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
-from fedecho.data.dicom import frame_rate, tissue_boxes
-from fedecho.data.records import BadFile, Reason
-
 SALT_FILE = "site.salt"
 SALT_BYTES = 32
 
@@ -185,7 +182,6 @@ class CleanHeader:
     sop_class: str
     transfer_syntax: str
     frames: int
-    fps: float | None
     rows: int
     columns: int
     photometric: str
@@ -260,7 +256,6 @@ def deidentify(ds: Dataset, salt: bytes) -> tuple[CleanHeader, Pseudonyms]:
         sop_class=_text(ds, "SOPClassUID"),
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
         frames=int(ds.get("NumberOfFrames", 1) or 1),
-        fps=frame_rate(ds),
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
         photometric=_text(ds, "PhotometricInterpretation"),
@@ -305,6 +300,12 @@ def scrub(text: str, values: set[str]) -> str:
 # ---------------------------------------------------------------- pixels
 
 Box = tuple[int, int, int, int]
+
+
+class NoSector(ValueError):
+    """No ultrasound sector found in a cine: burned-in text cannot be told apart, so it is not registered."""
+
+
 """(x0, y0, x1, y1), inclusive pixel bounds, as the Sequence of Ultrasound Regions declares them."""
 
 MOTION_LEVEL = 2.0  # grey levels of typical frame-to-frame change: tissue moves, burned-in text does not
@@ -411,7 +412,7 @@ def sector_mask(frames: np.ndarray, region: list[Box] | None = None) -> tuple[np
     'region': inside the scanner's declared 2-D tissue boxes, only the moving fan (text, readouts
     and counters burned inside a box too large for its fan go too). 'image': the moving fan of the
     whole frame, with the reason in parentheses when a declared region was not believed. Raises
-    BadFile(NO_SECTOR) when nothing that moves like a sector is found. Limit: text within a few
+    NoSector when nothing that moves like a sector is found. Limit: text within a few
     pixels of the fan (in MPEG-2 or H.264 cines, in a 16-px macroblock it shares with the fan)
     changes with the fan and may be kept; scanners put depth marks there, names and dates further out.
     """
@@ -429,7 +430,7 @@ def sector_mask(frames: np.ndarray, region: list[Box] | None = None) -> tuple[np
             doubt = "nothing moves inside the declared region"
     if whole is None:
         detail = doubt or "no ultrasound region declared"
-        raise BadFile(Reason.NO_SECTOR, f"{detail} and no moving sector found")
+        raise NoSector(f"{detail} and no moving sector found")
     return whole, f"image ({doubt})" if doubt else "image"
 
 
@@ -446,8 +447,3 @@ def blank_outside_sector(frames: np.ndarray, region: list[Box] | None = None) ->
     out = np.array(frames[:, y0:y1, x0:x1], copy=True)
     out[:, ~mask[y0:y1, x0:x1]] = 0
     return out, how
-
-
-def dicom_region(ds: Dataset) -> list[Box]:
-    """The declared 2-D tissue regions of a cine (empty when it declares none)."""
-    return tissue_boxes(ds)

@@ -25,12 +25,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fedecho._toml import Table
-
-if TYPE_CHECKING:
-    from fedecho.fl.config import DPSection
 
 DP_MODES = ("optional", "required")
 UNITS = ("patient", "video")
@@ -38,6 +35,16 @@ UNITS = ("patient", "video")
 # dp_per_patient: 1 when the site's epsilon holds per patient (every DP round in its ledger had the patient as
 # unit), 0 when it holds per video only.
 PRIVACY_METRICS = frozenset({"epsilon", "delta", "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "dp_per_patient"})
+
+
+@dataclass(frozen=True)
+class DPSection:
+    """[dp] of a run file: DP-SGD at every site, in both phases (each site adds its own floor on the noise and
+    its budget, `PrivacyPolicy`)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # Gaussian noise std / max_grad_norm on each step's summed clipped gradients
+    max_grad_norm: float = 1.0  # per-sample (per-video, or per-patient) L2 clipping bound
 
 
 class PrivacyRefused(Exception):

@@ -76,6 +76,11 @@ class RunConfig:
     def model_overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model.items() if k != "name"}
 
+    def with_data(self, **changes: Any) -> RunConfig:
+        """A copy whose [data] differs (a site's or the server's own cache and labels): one run file is
+        shared by every site of a run and by the server, so nobody changes it in place."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **changes))
+
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     hint = typing.get_origin(annotation) or annotation

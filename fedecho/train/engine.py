@@ -111,7 +111,7 @@ class Trainer:
         # Run after every optimiser step (SCAFFOLD's drift correction, `fedecho.fl.methods`).
         self.after_step: Callable[[], None] | None = None
         # What a step on an empty batch does (DP-SGD's Poisson sampling can draw none: the noisy step still
-        # happens, `fedecho.privacy.dp`); None: an empty batch is an error.
+        # happens, `fedecho.train.dp`); None: an empty batch is an error.
         self.empty_batch: Callable[[], None] | None = None
 
     def loss(self, video: torch.Tensor, info: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
