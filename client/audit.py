@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy import Double, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column
 
+from fedecho.storage.columns import UInt64, append_only
 from fedecho.storage.site_store import DB_NAME as SITE_DB
-from fedecho.storage.site_store import SiteBase, SiteStore
-from fedecho.storage.store import UInt64, append_only
+from fedecho.storage.site_store import SiteBase, SiteTables
 
 DECISIONS = ("allowed", "refused", "failed", "started")  # "started": the site's settings when it started
 START = "start"  # the message type of a start row
@@ -77,23 +77,14 @@ class SiteAuditRow:
     update_bytes: int
 
 
-class SiteLog:
+class SiteLog(SiteTables):
     """The site's audit log and bundle approvals in <state>/site.db."""
 
     def __init__(self, state: str | Path, *, create: bool = True) -> None:
         self.path = Path(state) / SITE_DB
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no site database {self.path} (the site has received no message yet)")
-        self._store = SiteStore(state, create=create)  # the one site database: manifest, ledger, audit
-
-    def close(self) -> None:
-        self._store.close()
-
-    def __enter__(self) -> SiteLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(state, create=create)  # the one site database: manifest, ledger, audit
 
     # ------------------------------------------------------------ audit
     def record(
@@ -115,7 +106,7 @@ class SiteLog:
         """Append one row (one transaction)."""
         if decision not in DECISIONS:
             raise ValueError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
-        with self._store.write() as s:
+        with self.store.write() as s:
             s.add(
                 _SiteAudit(
                     created=time.time(), flower_run_id=flower_run_id, run_id=run_id, round=round, phase=phase,
@@ -138,7 +129,7 @@ class SiteLog:
         q = q.order_by(_SiteAudit.id.desc())
         if limit:
             q = q.limit(limit)
-        with self._store.read() as s:
+        with self.store.read() as s:
             found = [
                 SiteAuditRow(**{c: getattr(r, c) for c in SiteAuditRow.__dataclass_fields__}) for r in s.scalars(q)
             ]
@@ -146,12 +137,12 @@ class SiteLog:
 
     # ------------------------------------------------------------ approvals
     def approve(self, sha256: str, note: str = "") -> None:
-        with self._store.write() as s:
+        with self.store.write() as s:
             if s.get(_Approval, sha256) is None:
                 s.add(_Approval(sha256=sha256, approved=time.time(), note=note))
 
     def revoke(self, sha256: str) -> bool:
-        with self._store.write() as s:
+        with self.store.write() as s:
             row = s.get(_Approval, sha256)
             if row is None:
                 return False
@@ -159,11 +150,11 @@ class SiteLog:
             return True
 
     def approved(self, sha256: str) -> bool:
-        with self._store.read() as s:
+        with self.store.read() as s:
             return s.get(_Approval, sha256) is not None
 
     def approvals(self) -> list[tuple[str, float, str]]:
-        with self._store.read() as s:
+        with self.store.read() as s:
             return [(a.sha256, a.approved, a.note) for a in s.scalars(select(_Approval).order_by(_Approval.approved))]
 
 

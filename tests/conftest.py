@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from pg import pg_url, postgres  # noqa: F401  (fixtures: a throwaway PostgreSQL server)
 
 os.environ.setdefault("FEDECHO_THREADS", "2")
 

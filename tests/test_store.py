@@ -1,4 +1,5 @@
-"""The run store on a real SQLite file: every method round-trips, replaces where it should, and shares a file."""
+"""The run store on a real SQLite file and on a real PostgreSQL server: every method round-trips, replaces where it
+should, keeps its audit logs append-only, and shares a database between processes."""
 
 from __future__ import annotations
 
@@ -6,16 +7,27 @@ import math
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from fedecho.storage import RoundRow, Store, StoreMissing, state_db_path, store_url
 
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty store's URL: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    return store_url(tmp_path / "state") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(store_url(tmp_path / "state"))
+def store(db_url: str) -> Iterator[Store]:
+    s = Store(db_url)
     yield s
     s.close()
 
@@ -200,8 +212,8 @@ def test_events(store: Store) -> None:
     assert all_events[0].run_id is None and all_events[1].run_id == run and all_events[0].id < all_events[1].id
 
 
-def test_two_stores_on_one_file(tmp_path: Path) -> None:
-    url = store_url(tmp_path)
+def test_two_stores_on_one_database(db_url: str) -> None:
+    url = db_url
     a, b = Store(url), Store(url)
     run = a.create_run("shared", "")
     b.add_phase(run, "pretrain", 2)
@@ -216,9 +228,24 @@ def test_two_stores_on_one_file(tmp_path: Path) -> None:
     assert [e.kind for e in a.events(run)] == ["from-child"] == [e.kind for e in b.events(run)]
     a.close()
     b.close()
-    con = sqlite3.connect(tmp_path / "fedecho.db")
-    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    con.close()
+    if url.startswith("sqlite"):
+        con = sqlite3.connect(url.removeprefix("sqlite:///"))
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        con.close()
+
+
+def test_audit_logs_are_append_only(store: Store) -> None:
+    """Rows of audit and access_audit can be added, never changed or removed, not even by SQL around the Store."""
+    run = store.create_run("r", "")
+    store.add_audit(run, "pretrain", 1, "train", "site01", status="accepted", sha256="a" * 64)
+    store.add_access("203.0.113.9", "other", "GET /", "refused", "not a Flower path")
+    for sql in (
+        "UPDATE audit SET status = 'rejected'", "DELETE FROM audit",
+        "UPDATE access_audit SET decision = 'allowed'", "DELETE FROM access_audit",
+    ):  # fmt: skip
+        with pytest.raises(DBAPIError, match="is append-only"), store.write() as s:
+            s.execute(text(sql))
+    assert [a.status for a in store.audit()] == ["accepted"] and [a.decision for a in store.access()] == ["refused"]
 
 
 def test_a_failed_write_leaves_the_old_state(store: Store) -> None:
@@ -242,3 +269,15 @@ def test_missing_store_is_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
     Store(store_url(tmp_path / "here")).close()
     Store(store_url(tmp_path / "here"), create=False).close()
+
+
+def test_missing_store_on_postgresql_is_not_created(pg_url: str) -> None:
+    """An empty PostgreSQL database is no store for a read-only command, and stays empty."""
+    with pytest.raises(StoreMissing, match="no runs table"):
+        Store(pg_url, create=False)
+    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()
+    with Store(pg_url) as store:
+        assert store.schema_revision() is not None
+    Store(pg_url, create=False).close()

@@ -18,14 +18,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 from sqlalchemy import Double, Integer, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fedecho.privacy.dp_policy import PrivacyRefused
-from fedecho.storage.site_store import SiteBase, SiteStore
+from fedecho.storage.site_store import SiteBase, SiteTables
 
 LEDGER_STATUSES = ("reserved", "spent")
 
@@ -80,20 +79,8 @@ def epsilon_of(mechanisms: Iterable[Mechanism], delta: float) -> float:
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
-class PrivacyLedger:
+class PrivacyLedger(SiteTables):
     """The ledger in a site's state folder (STATE/site.db, shared with the site's other tables)."""
-
-    def __init__(self, state: str | Path, *, create: bool = True):
-        self.store = SiteStore(state, create=create)  # create=False: SiteStoreMissing where no site.db exists
-
-    def close(self) -> None:
-        self.store.close()
-
-    def __enter__(self) -> PrivacyLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def entries(self) -> list[LedgerEntry]:
         with self.store.read() as s:

@@ -1,4 +1,13 @@
-"""Durable storage: crash-safe files and the SQLAlchemy run store (runs, rounds, sites, checkpoints, events).
+"""Durable storage: crash-safe files and the SQLAlchemy stores.
+
+- files.py: crash-safe file writes (temporary file, fsync, rename).
+- engine.py: engines for SQLite and PostgreSQL URLs (SQLite: WAL, BEGIN IMMEDIATE for writes) and `Database`,
+  the open / transactions / migrate / close base of both stores.
+- columns.py: column types (JSON text that keeps NaN, unsigned 64-bit ids) and append-only triggers.
+- server_schema.py, rows.py, store.py: the run store's tables, the rows it hands out, and `Store`.
+- site_schema.py, site_store.py: a site database's manifest table, `SiteStore`, and `SiteTables`, the base of
+  the audit log (client/audit.py) and the privacy ledger (fedecho/privacy/ledger.py) that keep tables in it.
+- migrations/: the schema revisions of both (Alembic), applied when a store opens.
 
 The store's names load on first use, so code that only writes files (data workers, the ClientApp's data
 path) does not pay for importing SQLAlchemy.

@@ -5,9 +5,11 @@ hashes), geometry, timing, encoding, status and a reason code; never a name, dat
 (archive paths such as MIMIC-IV-ECHO's p<subject>/s<study> embed identifiers, so a path is kept
 only as a salted hash). It never leaves the site.
 
-Other site modules add their tables by subclassing `SiteBase`; `SiteStore` creates whatever tables
-are missing each time it opens, and hands out one-transaction sessions (`write()`, `read()`).
-Same engine settings as the run store: SQLite WAL, foreign keys, BEGIN IMMEDIATE for writes.
+Its tables are `SiteBase` models (fedecho.storage.site_schema, client/audit.py, fedecho/privacy/ledger.py);
+`SiteStore` applies the schema revisions the file lacks each time it opens (fedecho.storage.migrations), and
+hands out one-transaction sessions (`write()`, `read()`). Same engine settings as the run store: SQLite WAL,
+foreign keys, BEGIN IMMEDIATE for writes. `SiteTables` is the base of the objects that keep their own tables
+in it (the audit log, the privacy ledger): it opens the one SiteStore of a state folder and closes it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import Double, Integer, String, Text, func, inspect, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from fedecho.storage.store import JSONText, _sqlite_engine
+from fedecho.storage.engine import Closing, Database
+from fedecho.storage.migrations import SITE, Migrations
+from fedecho.storage.site_schema import FileEntry, SiteBase
 
 DB_NAME = "site.db"
 FILE_STATUSES = ("ok", "quarantined")
@@ -32,40 +36,6 @@ FILE_STATUSES = ("ok", "quarantined")
 
 class SiteStoreMissing(FileNotFoundError):
     """SiteStore(dir, create=False) where no site database exists (read-only commands never create one)."""
-
-
-class SiteBase(DeclarativeBase):
-    """Every table of the site database; subclass it to add one (created on the next open)."""
-
-
-class FileEntry(SiteBase):
-    """One ingested file (or pseudo-video): registered (ok) or quarantined with a reason."""
-
-    __tablename__ = "files"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    record_key: Mapped[str | None] = mapped_column(String(32), unique=True, nullable=True)  # ok rows only
-    sha256: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)  # of the original bytes
-    path_hash: Mapped[str] = mapped_column(String(64), index=True)  # salted hash of the path in SOURCE
-    source_kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(String(32), default="")
-    detail: Mapped[str] = mapped_column(Text, default="")
-    patient: Mapped[str] = mapped_column(String(64), default="", index=True)
-    study: Mapped[str] = mapped_column(String(64), default="")
-    series: Mapped[str] = mapped_column(String(64), default="")
-    instance: Mapped[str] = mapped_column(String(64), default="")
-    frames: Mapped[int | None] = mapped_column(Integer, nullable=True)  # as stored (decoded)
-    fps: Mapped[float | None] = mapped_column(Double, nullable=True)
-    height: Mapped[int | None] = mapped_column(Integer, nullable=True)  # as stored (sector crop)
-    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    channels: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    transfer_syntax: Mapped[str] = mapped_column(String(64), default="")
-    manufacturer: Mapped[str] = mapped_column(String(64), default="")
-    model: Mapped[str] = mapped_column(String(64), default="")
-    sector: Mapped[str] = mapped_column(String(96), default="")  # region | image (why) | as_published
-    split: Mapped[str] = mapped_column(String(8), default="")
-    targets: Mapped[dict[str, Any]] = mapped_column(JSONText, default=dict)
-    ingested: Mapped[float] = mapped_column(Double)
 
 
 @dataclass(frozen=True)
@@ -109,8 +79,10 @@ def site_db_path(site_dir: str | Path) -> Path:
     return Path(site_dir) / DB_NAME
 
 
-class SiteStore:
+class SiteStore(Database):
     """The site database in DIR (DIR/site.db); each public write is one transaction."""
+
+    migrations: ClassVar[Migrations] = SITE
 
     def __init__(self, site_dir: str | Path, *, create: bool = True) -> None:
         self.site_dir = Path(site_dir)
@@ -120,36 +92,17 @@ class SiteStore:
                 raise SiteStoreMissing(f"{self.site_dir}: no registered site data (no {DB_NAME}); run fedecho data add")
             self.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # owner only; SQLite's -wal/-shm follow it
-        self._engine = _sqlite_engine(f"sqlite:///{db}")
-        self._write_engine = self._engine.execution_options(fedecho_write=True)
+        super().__init__(f"sqlite:///{db}")
         self._batch: Session | None = None
-        self.ensure_tables()
+        try:
+            self.ensure_tables()
+        except BaseException:
+            self.close()
+            raise
 
     def ensure_tables(self) -> None:
-        """Create the tables of every SiteBase subclass imported so far that the file lacks."""
-        missing = set(SiteBase.metadata.tables) - set(inspect(self._engine).get_table_names())
-        if missing:
-            SiteBase.metadata.create_all(self._write_engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    def __enter__(self) -> SiteStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def write(self) -> Iterator[Session]:
-        """One write transaction (the write lock taken up front): committed on success, else rolled back."""
-        with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
-            yield s
-
-    @contextmanager
-    def read(self) -> Iterator[Session]:
-        with Session(self._engine, expire_on_commit=False) as s, s.begin():
-            yield s
+        """Apply the schema revisions the file lacks (creating every table of a new file)."""
+        self.migrate()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -237,3 +190,27 @@ class SiteStore:
                 "splits": dict(sorted(Counter(e.split for e in ok).items())),
                 "sources": dict(sorted(Counter(e.source_kind for e in ok).items())),
             }
+
+
+class SiteTables(Closing):
+    """Tables of another module in a site's database (the audit log, the privacy ledger): opens the one
+    SiteStore of a state folder as `store` and closes it with itself."""
+
+    def __init__(self, state: str | Path, *, create: bool = True) -> None:
+        self.store = SiteStore(state, create=create)  # create=False: SiteStoreMissing where no site.db exists
+
+    def close(self) -> None:
+        self.store.close()
+
+
+__all__ = [
+    "DB_NAME",
+    "FILE_STATUSES",
+    "FileEntry",
+    "FileRow",
+    "SiteBase",
+    "SiteStore",
+    "SiteStoreMissing",
+    "SiteTables",
+    "site_db_path",
+]

@@ -1,0 +1,1 @@
+"""Revisions of the run store's schema (fedecho.storage.store.Store)."""
