@@ -9,8 +9,9 @@ DEMO_DIR ?= demo-output
 
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: venv nginx demo test lint bench clean
+.PHONY: venv nginx postgres demo test lint docs bench clean
 
 venv: $(STAMP)
 
@@ -25,10 +26,22 @@ nginx:
 			exit 1; \
 		fi; }
 
+# The run store's tests start a throwaway PostgreSQL server from the machine's binaries (tests/pg.py); Debian's
+# package puts them in /usr/lib/postgresql/<version>/bin and creates the `postgres` user they run as under root.
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing postgresql (the run store's PostgreSQL tests) ..."; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		else \
+			echo "PostgreSQL is needed (the run store's tests): install it, e.g. sudo apt-get install postgresql" >&2; \
+			exit 1; \
+		fi; }
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=77" wheel
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,postgres]"
 	touch $(STAMP)
 
 # The main job: a federated simulation on freshly generated phantom data. Three virtual hospitals
@@ -44,9 +57,16 @@ demo: $(STAMP)
 	$(BIN)/fedecho predict $(DEMO_DIR)/phantom/site01/Videos --out $(DEMO_DIR)/predictions.csv \
 		--checkpoint $$(ls $(DEMO_DIR)/state/checkpoints/run-0001/finetune-round-*.safetensors | grep -v strategy | tail -n 1)
 
-test: $(STAMP) nginx
+# The user manual is built first, strictly: a broken link, a missing page or a reference page that no longer
+# matches the code fails the tests (docs/hooks.py generates those pages from the code).
+test: $(STAMP) nginx postgres
+	d=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet -d $$d/site; s=$$?; rm -rf $$d; exit $$s
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The user manual (MkDocs, Material theme) into site/; the reference pages are generated from the code.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -70,4 +90,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/summary.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache site

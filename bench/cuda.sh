@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite on a CUDA machine (issue 6 item 8), in one command:
+# The benchmark suite on a CUDA machine, in one command:
 #
 #     bench/cuda.sh [RESULTS_DIR]        # default bench/results/cuda
 #

@@ -11,7 +11,7 @@ clips/s. With --device cuda training runs on the GPU under the engine's bf16 aut
 copied there in each step, as in training; the loader stays on the CPU). The loader runs in the main
 process by default (workers 0), as on a small site. The two measurements alternate --rounds times and
 the median of each counts, so a machine shared with other work slows both alike. Writes
-bench/results/data_loader.json (with the `table` rows `make bench` collects). Issue 6's target: the
+bench/results/data_loader.json (with the `table` rows `make bench` collects). The target: the
 loader at least 10x training.
 """
 
@@ -140,7 +140,7 @@ def main() -> None:
             f"| {r['model']} ({r['frames']} x {r['size']} px) | {r['loader_clips_s']:.1f} "
             f"| {r['train_clips_s']:.1f} | {r['ratio']:.1f}x |"
         )
-    print(f"\nTarget (issue 6): the loader delivers at least {TARGET}x the clips training consumes.")
+    print(f"\nTarget: the loader delivers at least {TARGET}x the clips training consumes.")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""Federation cost (issue 6 item 5): overhead of real Flower processes over loopback, bytes per site per
+"""Federation cost: overhead of real Flower processes over loopback, bytes per site per
 round against the fp32 full model, and the accuracy cost of the byte savings.
 
     python bench/federation.py [--steps 16] [--rounds 3] [--wire int8] [--device cpu] [--skip-accuracy]
 
 1. Overhead. A SuperLink and two SuperNodes (TLS, node authentication, the site's own ClientApp runner:
-   `fedecho.loopback`, the deployment tests' harness) run echo_vit_small with STF-Net: R pre-training
+   `fedecho.sim.loopback`, the deployment tests' harness) run echo_vit_small with STF-Net: R pre-training
    rounds, then R frozen-encoder fine-tuning rounds, `--steps` local batches per round, `--wire`
    precision (int8 by default).
    Everything is read back from the run store: a round's wall time is from its start to the next
    round's start (aggregation, store writes and the checkpoint included); the last round of each
    phase also runs the federated evaluation and is left out. Overhead = (wall - the slowest site's
    local compute) / wall, where local compute is the `seconds` a site reports (model build, data,
-   training, update). Issue 6's target: at most 10 %.
+   training, update). The target: at most 10 %.
 2. Bytes. The bytes down and up the server recorded per site per round, against what the fp32 full
    model (every tensor of the phase's model: encoder + decoder in pre-training; encoder + STF-Net +
    heads in fine-tuning) would cost on the wire, counted the same way (Flower's count_bytes).
@@ -138,8 +138,8 @@ def byte_configurations(model_name: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- deployed overhead
 def deployed_run(root: Path, data: Path, text: str, device: str, log: Path) -> tuple[int, float]:
     """Start a SuperLink and two SuperNodes on loopback, run the run file to its end; (run id, seconds)."""
-    from fedecho.loopback import make_deployment
     from fedecho.server.submit import submit_run
+    from fedecho.sim.loopback import make_deployment
 
     dep = make_deployment(root, round_timeout=1800.0, min_sites=2)
     try:

@@ -12,7 +12,7 @@ ratio. fedecho's FLOPs per step are counted with torch.utils.flop_counter and di
 time; the fp32 matrix-multiply peak is the best timed square torch.mm in the same run, same threads.
 With --device cuda both arms run on the GPU under the engine's bf16 autocast, the peak memory is the
 CUDA allocator's and the matmul peak is bf16 torch.mm on the GPU (the JSON's "device" and "dtype").
-Writes bench/results/mae_step.json (with the aggregated "table"). Issue 6's targets: at least 1.3x
+Writes bench/results/mae_step.json (with the aggregated "table"). The targets: at least 1.3x
 transformers' speed, at most 0.8x its peak memory, at least 60 % of the matmul peak.
 """
 
@@ -244,7 +244,7 @@ def main() -> None:
             f"| {r['speed_ratio']:.2f}x | {fe['peak_mb']:.0f} | {hf['peak_mb']:.0f} | {r['memory_ratio']:.2f}x "
             f"| {r['fedecho_gflops']:.1f} | {100 * r['fraction_of_matmul_peak']:.0f} % |"
         )
-    print("\nTargets (issue 6): speed ratio >= 1.3x, memory ratio <= 0.8x, >= 60 % of the matmul peak.")
+    print("\nTargets: speed ratio >= 1.3x, memory ratio <= 0.8x, >= 60 % of the matmul peak.")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Scale (issue 6 item 7): `fedecho sim` with 5, 20 and 50 sites, 3 rounds of echo_vit_tiny each.
+"""Scale: `fedecho sim` with 5, 20 and 50 sites, 3 rounds of echo_vit_tiny each.
 
     python bench/scale.py [--sites 5,20,50] [--rounds 3] [--cpus-per-site 1]
 

@@ -4,7 +4,7 @@
 
 Each bench script writes bench/results/NAME.json with a "table": rows of {item, measure, value,
 unit, target, met}. This script does no measuring: it gathers, stamps the machine and the commit,
-and prints the table the README includes.
+and prints the table the manual's Benchmarks page shows (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-# The order of the table: issue 6's items, then the local-training science checks.
+# The order of the table: the benchmark targets' groups, then the local-training science checks.
 ORDER = [
     "mae_step", "finetune_step", "dp_step", "data_loader", "dicom_ingest", "federation", "federation_recommended",
     "federated_accuracy", "scale", "local_training", "local_training_few_labels", "phantom_learnability",

@@ -1,6 +1,7 @@
-"""The documented commands are real: every `fedecho ...` example in the README's code blocks and command table
-and in the CLI's own help texts names a command that exists with options it has, and every config file they
-name (configs/*.toml) is in the repository, or made by an earlier step of the README (`cp`, `sed ... >`)."""
+"""The documented commands are real: every `fedecho ...` example in the code blocks and command tables of the README
+and the manual (docs/), and in the CLI's own help texts, names a command that exists with options it has, and every
+config file they name (configs/*.toml) is in the repository, or made by an earlier step of the manual (`cp`,
+`sed ... >`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fedecho.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+MANUAL = [README, *sorted((ROOT / "docs").rglob("*.md"))]  # the README and the user manual's pages
 CONFIG = re.compile(r"(?<![\w./-])configs/[\w.-]+\.toml\b")
 
 
@@ -28,9 +30,9 @@ def _root_command() -> click.Group:
 
 
 def _code_lines() -> Iterator[str]:
-    """The README's shell lines: code blocks (continuations joined, comments dropped), then the example column of
-    the command table."""
-    text = README.read_text()
+    """The README's and the manual's shell lines: code blocks (continuations joined, comments dropped), then the
+    example column of the command tables."""
+    text = "\n".join(page.read_text() for page in MANUAL)
     fence: str | None = None  # the open code block's language
     lines: list[str] = []
     for line in text.splitlines():

@@ -1,4 +1,4 @@
-"""Proof that nothing identifying leaves a site (issue 5, section 6).
+"""Proof that nothing identifying leaves a site.
 
 A real deployment on loopback (SuperLink with TLS and node authentication, two SuperNodes) runs one
 pre-training and one fine-tuning round of echo_vit_tiny on phantom DICOM cines whose headers carry fake
