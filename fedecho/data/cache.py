@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedecho.data.clips import fit_square, to_uint8_gray_or_rgb
+from fedecho.data.clips import fit_square, gray_frames, to_uint8_gray_or_rgb
 from fedecho.data.records import BadFile, Reason, VideoRecord
 from fedecho.data.source import EchoSource
 from fedecho.storage.files import atomic_path, atomic_write_bytes, file_sha256
@@ -45,6 +45,9 @@ def decode_video(source: EchoSource, record: VideoRecord, size: int | None) -> n
         raise BadFile(Reason.BAD_DIMENSIONS, "frames differ in size")
     if len({f.shape for f in out}) > 1:
         out = [f if f.ndim == 3 else np.repeat(f[..., None], 3, -1) for f in out]
+    if out[0].ndim == 3 and out[0].shape[2] == 3:  # grayscale in RGB clothing: tested and converted unstacked
+        gray = gray_frames(out)
+        return np.stack(out) if gray is None else gray
     return to_uint8_gray_or_rgb(np.stack(out))
 
 

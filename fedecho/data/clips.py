@@ -10,7 +10,7 @@ averaging uses all of them (optionally thinned to `max_clips`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -82,6 +82,9 @@ def to_uint8_gray_or_rgb(frames: np.ndarray, tolerance: int = 8, fraction: float
     Colour Doppler and other colour content stays RGB.
     """
     if frames.ndim == 4 and frames.shape[-1] == 3:
+        if frames.dtype == np.uint8:
+            gray = gray_frames(frames, tolerance, fraction)
+            return frames if gray is None else gray
         r, g, b = frames[..., 0], frames[..., 1], frames[..., 2]
         spread = np.maximum(_absdiff(r, g), _absdiff(r, b))
         if np.count_nonzero(spread > tolerance) < fraction * spread.size:
@@ -92,6 +95,34 @@ def to_uint8_gray_or_rgb(frames: np.ndarray, tolerance: int = 8, fraction: float
     if frames.ndim == 4 and frames.shape[-1] == 1:
         return frames[..., 0]
     return frames
+
+
+def gray_frames(frames: Sequence[np.ndarray], tolerance: int = 8, fraction: float = 1e-3) -> np.ndarray | None:
+    """to_uint8_gray_or_rgb's test and conversion for uint8 (H, W, 3) frames (an array or a list, all one
+    shape): the (T, H, W) grayscale video, or None when it is colour.
+
+    Frame by frame (each stays in cache through the test and the mean), and it stops at the first frame
+    that takes the count of differing pixels to the limit: a colour video is rarely read to its end."""
+    n = len(frames)
+    h, w = frames[0].shape[:2] if n else (0, 0)
+    limit = fraction * (n * h * w)
+    gray = np.empty((n, h, w), np.uint8)
+    total = np.empty((h, w), np.uint16)
+    over = 0
+    if over >= limit:  # no pixels: colour, as to_uint8_gray_or_rgb decides
+        return None
+    for i in range(n):
+        r, g, b = cv2.split(np.ascontiguousarray(frames[i]))
+        over += np.count_nonzero(cv2.max(cv2.absdiff(r, g), cv2.absdiff(r, b)) > tolerance)
+        if over >= limit:
+            return None
+        # The rounded channel mean in integers: (r + g + b) / 3 is never a half, so this is round().
+        np.add(r, g, out=total, dtype=np.uint16)
+        total += b
+        total += 1
+        np.floor_divide(total, 3, out=total)
+        gray[i] = total
+    return gray
 
 
 def _absdiff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1060,14 +1060,33 @@ def palette_shift(ds: Dataset) -> int:
     return 8 if table.dtype != np.uint8 and int(table.max()) > 255 else 0
 
 
-def to_uint8(frame: np.ndarray, ds: Dataset, shift: int | None = None) -> np.ndarray:
+def to_uint8(
+    frame: np.ndarray, ds: Dataset, shift: int | None = None, tables: dict[np.dtype, np.ndarray] | None = None
+) -> np.ndarray:
     """One decoded frame to (H, W) or (H, W, 3) uint8 for display-like intensities.
 
     Samples scale from Bits Stored to 8 bits (signed ones offset to unsigned first, the same for
     every frame); palette indices go through the colour lookup tables; MONOCHROME1 is inverted.
-    shift: palette_shift(ds), when the caller has it.
+    shift: palette_shift(ds), when the caller has it. tables: a dict the caller keeps over one
+    cine's frames: samples of up to 16 bits then go through a table of this function's result for
+    every value they can hold (computed once, by the code below: the same bytes), not through float
+    arithmetic or the palette's parsing for every frame.
     """
     photometric = str(ds.get("PhotometricInterpretation", ""))
+    palette = photometric == "PALETTE COLOR"
+    dtype = frame.dtype
+    if (
+        tables is not None
+        and dtype.kind in "ui"
+        and dtype.itemsize <= 2
+        and (dtype != np.uint8 or palette)  # other 8-bit samples stay as they are, or are only inverted
+        and (frame.ndim == 2 or not palette)  # each sample on its own: the table applies to any shape
+    ):
+        unsigned = np.dtype(dtype.str.replace("i", "u"))
+        if dtype not in tables:
+            values = np.arange(1 << (8 * dtype.itemsize), dtype=unsigned).view(dtype)
+            tables[dtype] = to_uint8(values.reshape(1, -1), ds, shift)[0]
+        return np.take(tables[dtype], frame.view(unsigned), axis=0)
     if photometric == "PALETTE COLOR" and frame.ndim == 2:
         frame = apply_color_lut(frame, ds)
         if frame.dtype != np.uint8:
@@ -1258,6 +1277,7 @@ class DicomArchiveSource(EchoSource):
         else:
             source = _image_frames(header, as_rgb=photometric != "PALETTE COLOR")
         count = 0
+        tables: dict[np.dtype, np.ndarray] = {}  # to_uint8 as lookup tables, for this cine's frames
         for frame in source:
             if frame.shape[:2] != (rows, cols):
                 raise BadFile(
@@ -1265,7 +1285,7 @@ class DicomArchiveSource(EchoSource):
                     f"frame {count + 1} decodes to {frame.shape[1]} x {frame.shape[0]}, the header declares "
                     f"{cols} x {rows}",
                 )
-            frame = to_uint8(frame, ds, shift)
+            frame = to_uint8(frame, ds, shift, tables)
             if box is not None:
                 x0, y0, x1, y1 = box
                 frame = frame[y0 : y1 + 1, x0 : x1 + 1]

@@ -12,6 +12,7 @@ outside the moving ultrasound sector (`blank_outside_sector`), inside a declared
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -330,12 +331,82 @@ def motion_map(frames: np.ndarray) -> np.ndarray:
     if t < 2:
         return np.zeros((h, w), np.uint8)
     idx = np.unique(np.linspace(0, t - 1, min(t, MOTION_SAMPLES)).round().astype(int))
-    sample = frames[idx]
-    channels = sample.shape[3] if sample.ndim == 4 else 1
-    gray = sample.sum(-1, dtype=np.int32) if sample.ndim == 4 else sample.astype(np.int32)
-    change = np.median(np.abs(np.diff(gray, axis=0)), axis=0).astype(np.float32) / channels
+    channels = frames.shape[3] if frames.ndim == 4 else 1
+    if frames.dtype == np.uint8:
+        change = _median_change(frames, idx) / channels
+    else:  # the general form (np.median), which the uint8 path computes exactly, only faster
+        sample = frames[idx]
+        gray = sample.sum(-1, dtype=np.int32) if sample.ndim == 4 else sample.astype(np.int32)
+        change = np.median(np.abs(np.diff(gray, axis=0)), axis=0).astype(np.float32) / channels
     moving = (cv2.blur(change, (SMOOTH, SMOOTH)) > MOTION_LEVEL).astype(np.uint8)
     return cv2.morphologyEx(moving, cv2.MORPH_OPEN, np.ones((OPEN, OPEN), np.uint8))
+
+
+MEDIAN_BAND_BYTES = 1 << 22  # a band of rows of every sampled frame, sized for the cache (fewer calls matter more)
+
+
+def _median_change(frames: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(H, W) float32: per pixel, the median over consecutive sampled frames (uint8, `idx`) of the
+    absolute change of the channel sum, exactly what np.median gives (an even count: the mean of the
+    two middle values), through a sorting network of elementwise min/max over bands of rows instead
+    of a per-pixel selection (the whole cine would otherwise be copied to int32, and np.median's
+    partition along time is slow)."""
+    h, w = frames.shape[1:3]
+    channels = frames.shape[3] if frames.ndim == 4 else 1
+    level = np.uint8 if channels == 1 else np.uint16 if channels <= 257 else np.uint32
+    m = len(idx) - 1
+    net = _median_network(m)
+    rows = max(1, MEDIAN_BAND_BYTES // (len(idx) * w * np.dtype(level).itemsize))
+    out = np.empty((h, w), np.float32)
+    for r0 in range(0, h, rows):
+        band = [_channel_sum(frames[i, r0 : r0 + rows], level) for i in idx]
+        lanes = [cv2.absdiff(a, b) for a, b in zip(band[1:], band[:-1], strict=True)]
+        spare = np.empty_like(lanes[0])  # the network's minima
+        for i, j in net:
+            np.minimum(lanes[i], lanes[j], out=spare)
+            np.maximum(lanes[i], lanes[j], out=lanes[j])
+            lanes[i], spare = spare, lanes[i]
+        if m % 2:
+            out[r0 : r0 + rows] = lanes[m // 2]
+        else:
+            np.add(lanes[m // 2 - 1], lanes[m // 2], out=out[r0 : r0 + rows], dtype=np.float32)
+            out[r0 : r0 + rows] /= 2
+    return out
+
+
+def _channel_sum(band: np.ndarray, dtype: type) -> np.ndarray:
+    """(rows, W) contiguous: a uint8 band of a frame, its channels summed in `dtype` (no overflow)."""
+    if band.ndim == 2:
+        return np.ascontiguousarray(band)
+    total = band[..., 0].astype(dtype)
+    for c in range(1, band.shape[2]):
+        np.add(total, band[..., c], out=total)
+    return total
+
+
+@functools.lru_cache(maxsize=128)
+def _median_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators (i, j), i < j, that leave the middle value(s) of n values at n // 2 and (n - 1) // 2:
+    Batcher's odd-even merge sort (pruned of those with an index past n, as if the missing values were
+    the largest) less every comparator that the middle outputs do not depend on."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    need = {n // 2, (n - 1) // 2}
+    kept = []
+    for i, j in reversed(pairs):
+        if i in need or j in need:
+            kept.append((i, j))
+            need |= {i, j}
+    return tuple(reversed(kept))
 
 
 def fan_hull(moving: np.ndarray) -> np.ndarray | None:
@@ -350,10 +421,23 @@ def fan_hull(moving: np.ndarray) -> np.ndarray | None:
     k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[k, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * moving.size:
         return None
-    hull = cv2.convexHull(cv2.findNonZero((labels == k).astype(np.uint8)))
+    hull = cv2.convexHull(_row_ends(labels == k))
     mask = np.zeros(moving.shape, np.uint8)
     cv2.fillConvexPoly(mask, hull, 1)
     return cv2.dilate(mask, np.ones((2 * MARGIN + 1, 2 * MARGIN + 1), np.uint8)).astype(bool)
+
+
+def _row_ends(area: np.ndarray) -> np.ndarray:
+    """(N, 1, 2) int32 (x, y) points: the first and last pixel of each row of a boolean area. Every corner
+    of the area's convex hull is one of them (any other pixel lies between two of them on its row), so
+    their hull is the area's, from a few hundred points rather than every pixel of a large fan."""
+    rows = np.flatnonzero(area.any(axis=1))
+    inside = area[rows]
+    pts = np.empty((len(rows), 2, 2), np.int32)
+    pts[:, :, 1] = rows[:, None]
+    pts[:, 0, 0] = inside.argmax(axis=1)
+    pts[:, 1, 0] = area.shape[1] - 1 - inside[:, ::-1].argmax(axis=1)
+    return pts.reshape(-1, 1, 2)
 
 
 def estimate_sector(frames: np.ndarray) -> np.ndarray | None:
@@ -444,6 +528,14 @@ def blank_outside_sector(frames: np.ndarray, region: list[Box] | None = None) ->
     mask, how = sector_mask(frames, region)
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    out = np.array(frames[:, y0:y1, x0:x1], copy=True)
-    out[:, ~mask[y0:y1, x0:x1]] = 0
-    return out, how
+    crop, keep = frames[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    if frames.dtype.kind not in "ui":  # NaN * 0 is not 0: assign instead
+        out = np.array(crop, copy=True)
+        out[:, ~keep] = 0
+        return out, how
+    # Times 1 or 0, with each row's pixels and channels as one run: one pass, no broadcast along channels.
+    t, h, w = crop.shape[:3]
+    channels = int(np.prod(crop.shape[3:]))
+    keep = np.repeat(keep.astype(frames.dtype), channels, axis=1)
+    return np.multiply(crop.reshape(t, h, w * channels), keep).reshape(crop.shape), how
+
