@@ -272,7 +272,7 @@ class Decoder:
             patient, study, series, instance = names.patient, names.study, names.series, names.instance
             given = bool(record.meta.get("split_given"))
         else:
-            frames = to_uint8_gray_or_rgb(decode_video(src, record, None))
+            frames = decode_video(src, record, None)  # grayscale or colour already (to_uint8_gray_or_rgb)
             sector = "as_published"
             patient = pseudonym(self.salt, "patient", record.group or record.key)
             study, series, instance = pseudonym(self.salt, "record", record.key), "", ""
