@@ -2,19 +2,25 @@
 
 Each fast path (uint8 frames) is checked against the general one the same function keeps for other
 inputs (np.median over time, boolean assignment, whole-video arithmetic, per-frame float scaling), on
-gray and colour cines, odd and even sample counts, and tests that sit at their limits."""
+gray and colour cines, odd and even sample counts, and tests that sit at their limits; the lossless
+JPEG and JPEG-LS decoder against pydicom's own plugins, on phantom files of every such encoding."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
+import imagecodecs
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from fedecho.data import lossless, open_source
 from fedecho.data.cache import decode_video
 from fedecho.data.clips import gray_frames, to_uint8_gray_or_rgb
 from fedecho.data.dicom import to_uint8
 from fedecho.privacy.deid import _median_change, _row_ends, blank_outside_sector, motion_map
+from fedecho.synth import synthesize
 
 
 def _sector_cine(rng: np.random.Generator, t: int, colour: bool) -> np.ndarray:
@@ -182,3 +188,65 @@ def test_to_uint8_lookup_table_is_the_arithmetic(ds: Dataset, dtype: np.dtype) -
         got = to_uint8(frame, ds, tables=tables)
         assert got.dtype == np.uint8 and got.shape == expected.shape and np.array_equal(got, expected)
     assert list(tables) == [dtype]
+
+
+LOSSLESS = (
+    "jpeg_lossless_rgb,jpeg_lossless_mono2_12,jpegls_lossless_mono2,jpegls_lossless_rgb,jpegls_near_lossless_mono2"
+)
+
+
+@pytest.fixture(scope="module")
+def lossless_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lossless")
+    synthesize(root, videos=5, fmt="dicom", seed=3, max_frames=6, progress=False, encodings=LOSSLESS)
+    return root
+
+
+def _all_frames(root: Path) -> dict[str, list[np.ndarray]]:
+    src = open_source(root, "dicom", require_labels=False, crop_region=False)
+    return {r.key: list(src.frames(r)) for r in src.scan().records}
+
+
+def _same(a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]]) -> bool:
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k])
+        and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a[k], b[k], strict=True))
+        for k in a
+    )
+
+
+def test_lossless_decoder_gives_pydicoms_frames(lossless_archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"jpegls": 0, "jpeg8": 0}
+    for name in calls:
+        real = getattr(imagecodecs, f"{name}_decode")
+
+        def spy(data: bytes, *a: object, _real=real, _name=name, **k: object) -> np.ndarray:
+            calls[_name] += 1
+            return _real(data, *a, **k)
+
+        monkeypatch.setattr(imagecodecs, f"{name}_decode", spy)
+    fast = _all_frames(lossless_archive)
+    assert calls["jpegls"] >= 3 * 4 and calls["jpeg8"] >= 2 * 4  # the faster decoder did decode them
+    monkeypatch.setattr(lossless, "exact_decoder", lambda ts: None)  # pydicom's plugins only
+    assert _same(fast, _all_frames(lossless_archive))
+
+
+def test_lossless_decoder_hands_over_to_pydicom(lossless_archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame it cannot decode: pydicom's plugins decode the rest. A first frame it reads otherwise:
+    pydicom's plugins decode them all. Either way the frames are pydicom's."""
+    with monkeypatch.context() as m:
+        m.setattr(lossless, "exact_decoder", lambda ts: None)
+        plain = _all_frames(lossless_archive)
+    real = imagecodecs.jpegls_decode
+    count = {"n": 0}
+
+    def fails_at_third(data: bytes) -> np.ndarray:
+        count["n"] += 1
+        if count["n"] % 6 == 3:
+            raise ValueError("not this one")
+        return real(data)
+
+    monkeypatch.setattr(imagecodecs, "jpegls_decode", fails_at_third)
+    assert _same(plain, _all_frames(lossless_archive))
+    monkeypatch.setattr(imagecodecs, "jpegls_decode", lambda data: real(data) ^ 1)  # reads every sample otherwise
+    assert _same(plain, _all_frames(lossless_archive))

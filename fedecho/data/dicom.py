@@ -960,6 +960,9 @@ def _image_frames(header: DicomHeader, as_rgb: bool) -> Iterator[np.ndarray]:
     if opts.get("samples_per_pixel", 1) > 1:
         opts.setdefault("planar_configuration", 0)
     with _dataset_stream(header) as stream:
+        done = yield from _exact_frames(header, stream, opts)  # lossless: a faster decoder, the same frames
+        if done < 0:
+            return
         stream.seek(px.offset)
         if not ts.is_encapsulated and opts.get("photometric_interpretation") == "YBR_FULL_422":
             frames = _native_ybr422(stream, ds, opts)
@@ -974,8 +977,49 @@ def _image_frames(header: DicomHeader, as_rgb: bool) -> Iterator[np.ndarray]:
                 return
             except Exception as e:  # classified below: damaged data or the decoder's failure
                 raise _failure(header, index, e, stream) from e
-            yield arr
+            if index >= done:  # the frames before `done` were yielded by the faster decoder
+                yield arr
             index += 1
+
+
+def _exact_frames(header: DicomHeader, stream: BinaryIO, opts: dict) -> Iterator[np.ndarray]:
+    """Lossless JPEG and JPEG-LS frames through fedecho.data.lossless's decoder while it decodes; returns
+    -1 when it decoded them all, else how many it yielded, 0 for another transfer syntax (pydicom's own
+    plugins take over from there: what they make of the rest, a failure too, is what the file gets).
+    The first frame must come out as pydicom's plugins decode it, or none is taken: a codestream feature
+    the two would read differently is a property of the file, not of one frame."""
+    from fedecho.data.lossless import SYNTAXES, exact_decoder
+
+    ts, offset = header.transfer_syntax, header.pixels.offset if header.pixels is not None else 0
+    exact = exact_decoder(ts) if ts in SYNTAXES else None
+    if exact is None:
+        return 0
+    usual = get_decoder(ts)
+    try:
+        stream.seek(offset)
+        reference = usual.iter_array(stream, validate=True, **opts)
+        with _quiet():
+            first, _ = next(reference)
+        reference.close()
+        stream.seek(offset)
+        frames = exact.iter_array(stream, validate=True, **opts)
+        with _quiet():
+            arr, _ = next(frames)
+    except Exception:  # pydicom's plugins then decide (and name the failure)
+        return 0
+    if arr.dtype != first.dtype or arr.shape != first.shape or not np.array_equal(arr, first):
+        return 0
+    index = 0
+    while True:
+        yield arr
+        index += 1
+        try:
+            with _quiet():
+                arr, _ = next(frames)
+        except StopIteration:
+            return -1
+        except Exception:
+            return index
 
 
 def _video_frames(header: DicomHeader, gray: bool) -> Iterator[np.ndarray]:
