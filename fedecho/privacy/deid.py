@@ -332,7 +332,7 @@ def motion_map(frames: np.ndarray) -> np.ndarray:
         return np.zeros((h, w), np.uint8)
     idx = np.unique(np.linspace(0, t - 1, min(t, MOTION_SAMPLES)).round().astype(int))
     channels = frames.shape[3] if frames.ndim == 4 else 1
-    if frames.dtype == np.uint8:
+    if frames.dtype == np.uint8 and channels <= 257:  # channel sums fit 16 bits
         change = _median_change(frames, idx) / channels
     else:  # the general form (np.median), which the uint8 path computes exactly, only faster
         sample = frames[idx]
@@ -353,7 +353,7 @@ def _median_change(frames: np.ndarray, idx: np.ndarray) -> np.ndarray:
     partition along time is slow)."""
     h, w = frames.shape[1:3]
     channels = frames.shape[3] if frames.ndim == 4 else 1
-    level = np.uint8 if channels == 1 else np.uint16 if channels <= 257 else np.uint32
+    level = np.uint8 if channels == 1 else np.uint16
     m = len(idx) - 1
     net = _median_network(m)
     rows = max(1, MEDIAN_BAND_BYTES // (len(idx) * w * np.dtype(level).itemsize))
