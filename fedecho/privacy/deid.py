@@ -538,4 +538,3 @@ def blank_outside_sector(frames: np.ndarray, region: list[Box] | None = None) ->
     channels = int(np.prod(crop.shape[3:]))
     keep = np.repeat(keep.astype(frames.dtype), channels, axis=1)
     return np.multiply(crop.reshape(t, h, w * channels), keep).reshape(crop.shape), how
-
