@@ -124,7 +124,7 @@ def main() -> None:
         "videos": args.videos, "batch": args.batch, "workers": args.workers, "threads": args.threads,
     }  # fmt: skip
     table = [
-        table_row("4. Data loader", f"cache loader clips/s / {r['model']} pre-training clips/s (batch {args.batch})",
+        table_row("Data loader", f"cache loader clips/s / {r['model']} pre-training clips/s (batch {args.batch})",
                   round(r["ratio"], 1), "x", f">= {TARGET}x", r["ratio"] >= TARGET)
         for r in rows
     ]  # fmt: skip

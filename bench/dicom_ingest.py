@@ -19,12 +19,13 @@ The per-worker ratio is (ingest frames/s / N) / bare frames/s: the target is at 
 that N workers register at least 0.8 N times what one bare decoder reads. Frames per CPU second (this
 process and the workers' jobs) against the bare decode's is the same comparison without what other
 programs on the machine take from the wall clock. Ingest's time includes its
-scan (one process), reported on its own too. The whole archive (every encoding, the stills) is then
-registered once at the largest N, for the record and for the scan rate.
+scan (the headers read in the N worker processes, the labels joined in one), reported on its own too.
+The whole archive (every encoding, the stills) is then registered once at the largest N, for the record
+and for the scan rate.
 
 Projection for a 32-core server (--cores) and 525,328 cines of 70 frames (--cines, --cine-frames):
-the scan at the rate measured here (one process: it does not scale), plus decoding at --cores x
-the per-worker decode rate measured here at the largest N (linear scaling assumed; that server's
+the scan at --cores x the per-worker scan rate measured here on the whole archive, plus decoding at
+--cores x the per-worker decode rate measured here at the largest N (linear scaling assumed; that server's
 cores as fast as this machine's, its disks fast enough). A loaded machine measures less: the
 load average at the start is printed and stored.
 
@@ -51,7 +52,7 @@ from fedecho.synth import synthesize
 
 TARGET = 0.8
 warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")  # the phantom's odd headers, on purpose
-ITEM = "4. DICOM ingest"
+ITEM = "DICOM ingest"
 
 
 def make_archive(archive: Path, videos: int, max_frames: int, encodings: str) -> None:
@@ -175,13 +176,15 @@ def main() -> None:
     scaling = top["frames_s"] / one["frames_s"]
     scan_files_s = mixed["files"] / mixed["scan_seconds"]
     per_core = top["decode_frames_s_per_worker"]
-    scan_h = args.cines / scan_files_s / 3600
+    scan_per_core = scan_files_s / mixed["workers"]
+    scan_h = args.cines / (scan_per_core * args.cores) / 3600
     decode_h = args.cines * args.cine_frames / (per_core * args.cores) / 3600
     per_cpu_s = top["frames"] / top["cpu_seconds"]  # what a core gives when nothing else runs on it
     decode_cpu_h = args.cines * args.cine_frames / (per_cpu_s * args.cores) / 3600
     projection = {
         "cines": args.cines, "frames_per_cine": args.cine_frames, "cores": args.cores,
         "per_core_frames_s": per_core, "measured_at_workers": top["workers"], "scan_files_s": scan_files_s,
+        "scan_files_s_per_core": scan_per_core,
         "scan_hours": scan_h, "decode_hours": decode_h, "hours": scan_h + decode_h,
         "frames_per_cpu_s": per_cpu_s, "decode_hours_by_cpu": decode_cpu_h,
     }  # fmt: skip
@@ -214,13 +217,13 @@ def main() -> None:
         print(f"| {r['run']} | {r['files']} | {r['frames']} | {r['seconds']:.1f} | {r['files_s']:.2f} "
               f"| {r['frames_s']:.0f} | {ratio} | {r['cpu_seconds']:.1f} | {cpu} |")  # fmt: skip
     print(f"\nwhole archive quarantined: {mixed['quarantined']}")
-    print(f"scan (one process): {mixed['scan_seconds']:.1f} s, {scan_files_s:.1f} files/s")
+    print(f"scan ({mixed['workers']} workers): {mixed['scan_seconds']:.1f} s, {scan_files_s:.1f} files/s")
     if top is not one:
         print(f"{top['workers']} workers / {one['workers']}: {scaling:.2f}x frames/s "
               f"({scaling * one['workers'] / top['workers']:.2f} of linear)")  # fmt: skip
     print(f"Target: each worker at least {TARGET}x a bare decode's frames/s, near-linear in workers.")
     print(f"\nProjection, {args.cines:,} cines x {args.cine_frames} frames on {args.cores} cores: "
-          f"{scan_h + decode_h:.1f} h = scan {scan_h:.1f} h (one process, {scan_files_s:.0f} files/s as here) "
+          f"{scan_h + decode_h:.1f} h = scan {scan_h:.1f} h ({args.cores} x {scan_per_core:.0f} files/s per worker) "
           f"+ decode {decode_h:.1f} h ({args.cores} x {per_core:.0f} frames/s, the per-worker rate measured "
           f"here at {top['workers']} worker{'s' if top['workers'] > 1 else ''}, linear scaling assumed)")  # fmt: skip
     print(f"By CPU time instead (each of the {args.cores} cores busy with registration only, {per_cpu_s:.0f} frames "

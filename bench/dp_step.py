@@ -150,7 +150,7 @@ def main() -> None:
             rows.append({**row, "ratio": private / plain})
             print(f"{model} batch {batch} {phase}: {plain:.3f} s, DP {private:.3f} s", flush=True)
     table = [
-        table_row("3. DP step", f"DP-SGD / non-private step, {r['model']} batch {r['batch']}, {_label(r)}",
+        table_row("DP step", f"DP-SGD / non-private step, {r['model']} batch {r['batch']}, {_label(r)}",
                   round(r["ratio"], 2), "x", f"<= {TARGET}x", r["ratio"] <= TARGET)
         for r in rows
     ]  # fmt: skip

@@ -54,7 +54,7 @@ from fedecho.storage.store import store_url
 from fedecho.synth import synthesize
 from fedecho.train import pretrain_loss
 
-row = functools.partial(table_row, "6. Accuracy")
+row = functools.partial(table_row, "Accuracy")
 
 # Pre-training recipes: overrides of [pretrain] over the base run file (FedAvg, one local epoch of AdamW per
 # round). The federation averages five sites' updates, as if each step saw five times the batch: the scaled

@@ -225,7 +225,7 @@ ARMS = [  # (name, wire, freeze_encoder, fusion)
 
 
 # ---------------------------------------------------------------------------------------------------- report
-row = functools.partial(table_row, "5. Federation")
+row = functools.partial(table_row, "Federation")
 
 
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -111,7 +111,7 @@ LABELS = {
 }
 
 
-row = functools.partial(table_row, "2. Fine-tune step")  # this item sets no targets
+row = functools.partial(table_row, "Fine-tune step")  # this group sets no targets
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -168,7 +168,7 @@ def best_of_rounds(model_name: str, args: argparse.Namespace) -> dict[str, dict[
 
 def table_rows(rows: list[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
     """The aggregated benchmark table's rows (item, measure, value, unit, target, met)."""
-    item = "1. MAE step"
+    item = "MAE step"
     peak = f"{DTYPE_LABEL.get(dtype, dtype)} matmul peak"
     out = []
     for r in rows:

@@ -149,7 +149,7 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-row = functools.partial(table_row, "7. Scale")
+row = functools.partial(table_row, "Scale")
 
 
 def main() -> None:

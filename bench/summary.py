@@ -56,7 +56,7 @@ def main() -> None:
         "rows": rows,
     }  # fmt: skip
     (args.results / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
-    print("| item | measure | value | target | met |")
+    print("| group | measure | value | target | met |")
     print("|---|---|---|---|---|")
     for r in rows:
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
