@@ -21,15 +21,11 @@ from fedecho.data import EchoVideoDataset
 from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.exchange import FrozenStore, exchanged_keys, frozen_keys
 from fedecho.fl.methods import SiteCarry, control_change, control_keys, run_key, scaffold_correct
-from fedecho.fl.protocol import build_model
+from fedecho.fl.protocol import MissingFrozen, build_model
 from fedecho.models import EchoVisionFM
 from fedecho.models.checkpoint import load_state
 from fedecho.privacy.dp_policy import kept_units, plan_round
 from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
-
-
-class MissingFrozen(RuntimeError):
-    """The site lacks the frozen tensors this round needs (the server sends them next time)."""
 
 
 def load_received(

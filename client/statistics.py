@@ -11,7 +11,6 @@ set is the one `site_train` uses: the same split, label fraction and decodable v
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -19,30 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
-from fedecho._env import set_torch_threads
-from fedecho.client.audit import audit_message, manifest_sha256
-from fedecho.client.local import MissingFrozen, load_received, site_datasets
+from fedecho.client.local import load_received, site_datasets
 from fedecho.client.site import Site
 from fedecho.data import EchoVideoDataset
 from fedecho.device import autocast, pick_device
-from fedecho.fl.config import FedRunConfig, parse_run_config, round_seed
-from fedecho.fl.exchange import UpdateError, decode
-from fedecho.fl.packing import unpack
+from fedecho.fl.config import FedRunConfig, round_seed
 from fedecho.fl.protocol import (
-    ERROR_BAD_MESSAGE,
-    ERROR_FAILED,
-    ERROR_MISSING_FROZEN,
-    ERROR_REFUSED,
-    Refused,
     build_model,
 )
-from fedecho.fl.protocol import error_reply as error
 from fedecho.fl.statistics import (
     CLIP_SPREADS,
     HEAD_STATS,
-    QUERIES,
     QUERY,
     TARGET_STATS,
     clip_rows,
@@ -62,59 +50,9 @@ from fedecho.models.heads import last_linear
 from fedecho.privacy.dp_policy import DPPlan, PrivacyRefused, kept_units, plan_round
 
 if TYPE_CHECKING:
-    from fedecho.client.site import SiteResolver
+    pass
 
 log = logging.getLogger("fedecho.client")
-
-
-def handle_query(msg: Message, context: Context, resolve: SiteResolver) -> Message:
-    """The ClientApp's answer to a QUERY message: the statistics, or a refusal or failure as for training."""
-    try:
-        site = resolve(context)
-    except (KeyError, ValueError, OSError) as e:  # the site's own configuration: details stay in its log
-        log.error("site configuration: %s", e)
-        return error(msg, ERROR_FAILED, f"the site's configuration is invalid ({type(e).__name__}; see its log)")
-    set_torch_threads()
-    try:
-        options = dict(msg.content["config"])
-        cfg = parse_run_config(str(options["run-toml"]), "the run file sent by the server")
-        phase, question = str(options["phase"]), str(options[QUERY])
-        if question not in QUERIES:
-            raise ValueError(f"unknown query {question!r} (known: {', '.join(QUERIES)})")
-        if phase != "finetune":
-            raise ValueError(f"query {question} applies to fine-tuning, not {phase}")
-        received: dict[str, torch.Tensor] = {}
-        if question == HEAD_STATS:  # the global model, packed like a training message's
-            received = decode(unpack(msg.content["arrays"]), str(options["wire-dtype"]))
-    except (KeyError, ValueError, UpdateError) as e:
-        return error(msg, ERROR_BAD_MESSAGE, f"bad request: {e}")
-    kind = f"query.{question}"
-    manifest = None
-    try:
-        allowed = site.enforce(cfg, phase, False)  # the site's policy, before any data access
-        manifest = manifest_sha256(site.data, site.labels)
-        arrays, metrics = site_query(cfg, phase, received, site, options)
-        content = RecordDict(
-            {"arrays": arrays, "metrics": MetricRecord(metrics), "info": ConfigRecord({"site": site.name})}
-        )
-        audit_message(site, msg, options, "allowed", allowed, manifest=manifest, epsilon=metrics.get("epsilon"),
-                      update=arrays, message_type=kind)  # fmt: skip
-    except (Refused, PrivacyRefused) as e:
-        log.warning("site %s refused %s: %s", site.name, kind, e)
-        with contextlib.suppress(Exception):
-            audit_message(site, msg, options, "refused", str(e), manifest=manifest, message_type=kind)
-        return error(msg, ERROR_REFUSED, f"refused by site {site.name}: {e}")
-    except MissingFrozen as e:
-        with contextlib.suppress(Exception):
-            audit_message(site, msg, options, "failed", str(e), manifest=manifest, message_type=kind)
-        return error(msg, ERROR_MISSING_FROZEN, str(e))
-    except Exception as e:
-        log.exception("site %s: %s failed", site.name, kind)
-        with contextlib.suppress(Exception):
-            audit_message(site, msg, options, "failed", f"{type(e).__name__}: {e}", manifest=manifest,
-                          message_type=kind)  # fmt: skip
-        return error(msg, ERROR_FAILED, f"site {site.name}: {type(e).__name__} (details in the site's log)")
-    return Message(content, reply_to=msg)
 
 
 def site_query(
@@ -316,4 +254,4 @@ class Release:
         }
 
 
-__all__ = ["Release", "handle_query", "site_query", "training_set"]
+__all__ = ["Release", "site_query", "training_set"]

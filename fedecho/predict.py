@@ -60,7 +60,7 @@ def read_video(path: Path, size: int) -> np.ndarray:
         from fedecho.data.echonet import EchoNetSource as Source
     else:
         from fedecho.data.dicom import DicomArchiveSource as Source
-        from fedecho.data.dicom import check_header, read_header
+        from fedecho.data.dicom_file import check_header, read_header
 
         with warnings.catch_warnings():  # pydicom's warnings about a damaged file: read_header names the fault
             warnings.simplefilter("ignore", UserWarning)
@@ -94,7 +94,7 @@ def is_video(path: Path) -> bool:
         return False
     if suffix in AVI_SUFFIXES or suffix in DICOM_SUFFIXES:
         return True
-    from fedecho.data.dicom import NOT_DICOM_SUFFIXES, looks_like_dicom
+    from fedecho.data.dicom_file import NOT_DICOM_SUFFIXES, looks_like_dicom
 
     return suffix not in NOT_DICOM_SUFFIXES and looks_like_dicom(path)  # old PACS exports lack the preamble
 

@@ -27,7 +27,7 @@ from flwr.supercore.run import Run
 from fedecho._env import set_torch_threads
 from fedecho.fl.config import parse_run_config
 from fedecho.fl.packing import QUICK_PULL, pack_message, unpack_message
-from fedecho.report import fmt_round
+from fedecho.report.tables import fmt_round
 from fedecho.server.config import DEFAULT_MAX_EXAMPLES
 from fedecho.server.identity import RegistryNames
 from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings

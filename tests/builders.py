@@ -323,3 +323,30 @@ def burned_text_left(stored: np.ndarray, reference: np.ndarray, mask: np.ndarray
     y, x = np.unravel_index(int(np.argmin(score)), score.shape)
     text = mask[:t, y : y + h, x : x + w] & (r[:t, y : y + h, x : x + w] > bright)
     return int((s[:t][text] > 0).sum())
+
+
+# Runs one command in a fresh interpreter, as `fedecho ...` does, then prints every module it imported.
+_PROBE = """
+import json, sys
+from fedecho.cli import app
+try:
+    app(sys.argv[1:], prog_name="fedecho")
+except SystemExit:
+    pass
+print("\\n" + json.dumps(sorted(sys.modules)))
+"""
+
+
+def cli_in_fresh_interpreter(*args: str) -> tuple[str, set[str]]:
+    """(what `fedecho ARGS` printed, every module it imported), run as its own process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "COLUMNS": "220"},
+    )  # fmt: skip
+    *lines, modules = proc.stdout.strip().splitlines()
+    return "\n".join(lines), set(json.loads(modules))

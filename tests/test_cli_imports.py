@@ -6,33 +6,20 @@ imported; the heavy libraries are imported only by the commands that need them.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.main import get_command
 
+from builders import cli_in_fresh_interpreter
 from fedecho.cli import app
 
 HEAVY = ("torch", "timm", "flwr", "ray", "matplotlib", "cv2", "av", "pydicom", "opacus", "peft")
-PROBE = """
-import json, sys
-from fedecho.cli import app
-try:
-    app(sys.argv[1:], prog_name="fedecho")
-except SystemExit:
-    pass
-print("\\n" + json.dumps(sorted(sys.modules)))
-"""
 
 
-def _imported(*args: str, cwd: Path | None = None) -> set[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=True
-    ).stdout
-    return {m.split(".")[0] for m in json.loads(out.strip().splitlines()[-1])}
+def _imported(*args: str) -> set[str]:
+    """Top-level packages a command imported."""
+    return {m.split(".")[0] for m in cli_in_fresh_interpreter(*args)[1]}
 
 
 def _commands() -> list[list[str]]:

@@ -51,7 +51,8 @@ from pydicom.uid import (
 )
 
 from builders import us_cine
-from fedecho.data.dicom import VIDEO_CODECS, DicomArchiveSource, read_file_header
+from fedecho.data.dicom import DicomArchiveSource
+from fedecho.data.dicom_file import VIDEO_CODECS, read_file_header
 from fedecho.data.records import Reason, VideoRecord
 
 N, H, W = 6, 48, 64

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from fedecho.data import lossless, open_source
 from fedecho.data.cache import decode_video
 from fedecho.data.clips import gray_frames, to_uint8_gray_or_rgb
-from fedecho.data.dicom import to_uint8
+from fedecho.data.dicom_file import to_uint8
 from fedecho.privacy.deid import _median_change, _row_ends, blank_outside_sector, motion_map
 from fedecho.synth import synthesize
 

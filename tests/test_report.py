@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from builders import cli_in_fresh_interpreter
 from fedecho.cli import app
 from fedecho.report import run_tables, write_report
 from fedecho.storage import Store, store_url
@@ -132,3 +133,17 @@ def test_unknown_run_and_missing_store_exit_2(state: tuple[Path, int], tmp_path:
 def test_help(args: list[str]) -> None:
     res = runner.invoke(app, [*args, "--help"])
     assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_runs_list_and_show_never_import_the_plots(state: tuple[Path, int], tmp_path: Path) -> None:
+    """The tables live apart from the plots: printing a run loads neither matplotlib nor the plotting module."""
+    folder, run = state
+    for args in (["runs", "list"], ["runs", "show", str(run)]):
+        out, modules = cli_in_fresh_interpreter(*args, "--state", str(folder))
+        assert "echo <fm> & co" in out and "finetune 3/3" in out, out  # it printed the real run
+        assert "fedecho.report.tables" in modules
+        drawn = sorted(m for m in modules if m.split(".")[0] == "matplotlib" or m == "fedecho.report.plots")
+        assert not drawn, (args, drawn)
+    out, modules = cli_in_fresh_interpreter("report", str(run), "--out", str(tmp_path / "r"), "--state", str(folder))
+    assert (tmp_path / "r" / "loss.png").is_file(), out
+    assert "matplotlib" in modules and "fedecho.report.plots" in modules  # the check can fail: report draws

@@ -123,7 +123,7 @@ def test_client_app_refuses_before_touching_data(
         raise AssertionError("the site's data was touched")
 
     monkeypatch.setattr("fedecho.client.app.site_train", touched)
-    monkeypatch.setattr("fedecho.client.app.manifest_sha256", touched)
+    monkeypatch.setattr("fedecho.client.mods.manifest_sha256", touched)
     monkeypatch.setattr("fedecho.client.site.train_video_count", touched)
     site = Site("h1", tmp_path / "no-data", tmp_path / "cache", tmp_path / "state", policy=policy)
     app = build_client_app(lambda context: site)

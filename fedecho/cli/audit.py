@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedecho._toml import ConfigFileError
 from fedecho.cli.runs import SERVER, STATE, STORE, fail, open_store, print_table
-from fedecho.report import TableData
+from fedecho.report.tables import TableData
 
 if TYPE_CHECKING:
     from fedecho.client.config import SiteConfig

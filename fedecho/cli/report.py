@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from fedecho.cli.runs import SERVER, STATE, STORE, fail, open_store
-from fedecho.report import write_report
+from fedecho.report.html import write_report
 
 
 def report(

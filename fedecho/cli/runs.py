@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedecho.report import TableData, run_tables, runs_table
+from fedecho.report.tables import TableData, run_tables, runs_table
 from fedecho.storage.store import Store, StoreMissing, state_db_path
 
 app = typer.Typer(help="Federated runs recorded in the run store: list them, show one.", no_args_is_help=True)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedecho.report import fmt_round
+from fedecho.report.tables import fmt_round
 from fedecho.storage.store import DEFAULT_STATE, Store, store_url
 
 

@@ -57,7 +57,8 @@ from rich.text import Text
 from fedecho._env import environ
 from fedecho.data.cache import decode_video
 from fedecho.data.clips import to_uint8_gray_or_rgb
-from fedecho.data.dicom import DicomArchiveSource, read_header, tissue_boxes
+from fedecho.data.dicom import DicomArchiveSource
+from fedecho.data.dicom_file import read_header, tissue_boxes
 from fedecho.data.records import (
     SPLITS,
     BadFile,

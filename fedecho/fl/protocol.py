@@ -30,6 +30,10 @@ class Refused(Exception):
     """Raised by a site-side check (policy, privacy budget, code approval) before any data is touched."""
 
 
+class MissingFrozen(RuntimeError):
+    """The site lacks the frozen tensors this round needs (ERROR_MISSING_FROZEN: the server sends them next time)."""
+
+
 def error_reply(msg: Message, code: int, reason: str) -> Message:
     """A site's reply that carries one of the codes above and its reason instead of content."""
     from flwr.app import Error, Message
