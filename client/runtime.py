@@ -13,18 +13,19 @@ itself. This module, part of the fedecho the site installed, does instead:
   refusal (error code 103: the server records the site as "refused"), kept for review under
   `<state>/bundles/refused/HASH.fab`, written to the site's audit log, and never installed or imported.
 
-The hook is a replacement of `pull_task_input` in Flower's `run_clientapp` module, for flwr 1.42.0 (pinned);
-`check_flower` fails loudly if that function ever goes away.
+Every change to Flower's own code (the hook above and the ones below) is applied by `fedecho.fl.flower_patches`,
+which says why each exists and checks, at the start of each process here, that the installed Flower is the
+pinned one (flwr 1.42.0) and still has what is patched; this module only passes in what the site does.
 
 Transport (measured per round, see the federation benchmark): the runner unpacks the message's arrays after the pull and
 packs the reply's before the push (`fedecho.fl.packing`: one object per tensor cost 20-60 s a round), retries
-its pull of the arrays sooner than Flower would (`QUICK_PULL`), and `flower-supernode` runs Flower's SuperNode
-with its 3 s idle wait shortened (`_SuperNodeClock`).
+its pull of the arrays sooner than Flower would (`flower_patches.quick_task_pulls`), and `flower-supernode` runs
+Flower's SuperNode with its 3 s idle wait shortened (`flower_patches.shorter_supernode_polling`).
 
 Crash and restart: the SuperNode heartbeats every `SUPERNODE_HEARTBEAT_INTERVAL` (Flower's minimum, not its
 30 s default), and when the SuperLink refuses to activate it because it still counts the node online (a start
 right after a crash), the wrapper releases its own node (DeactivateNode, which only this site's key can sign)
-and activates again (`_hook_activation`). Every process of the site follows its parent: the launcher stops
+and activates again (`_activation_handler`). Every process of the site follows its parent: the launcher stops
 the SuperNode and the runners when `fedecho client start` dies, the SuperNode stops when the launcher dies,
 and the runners are told the launcher's pid (`watch_parent`, Flower's `parent_pid`).
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -48,12 +48,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedecho.client.approval import Bundle, BundleError, judge, read_bundle
 from fedecho.client.audit import BUNDLE_ENV, SiteLog
+from fedecho.fl import flower_patches
 from fedecho.fl.protocol import ERROR_REFUSED
 
 log = logging.getLogger("fedecho.client.runtime")
@@ -61,15 +62,6 @@ log = logging.getLogger("fedecho.client.runtime")
 
 class BundleRefused(RuntimeError):
     """The site refused the run's app bundle; the refusal has already been sent and logged."""
-
-
-def check_flower() -> Any:
-    """Flower's run_clientapp module, checked to still have the function fedecho hooks."""
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    if not callable(getattr(rc, "pull_task_input", None)) or not callable(getattr(rc, "push_message", None)):
-        raise RuntimeError("this flwr has no run_clientapp.pull_task_input/push_message: code approval cannot hook it")
-    return rc
 
 
 def _message_fields(message: Any) -> dict[str, Any]:
@@ -88,8 +80,9 @@ def _message_fields(message: Any) -> dict[str, Any]:
     return out
 
 
-def gate(rc: Any, client: Any, message: Any, context: Any, fab: Any) -> Bundle:
-    """Allow the bundle (returns it) or answer the message with a refusal and raise BundleRefused."""
+def gate(message: Any, context: Any, fab: Any, reply: Callable[[Any], None]) -> Bundle:
+    """Allow the bundle (returns it) or answer the message with a refusal (reply: the task's reply to the
+    SuperNode) and raise BundleRefused."""
     from fedecho.client.config import load_site_config
 
     site = load_site_config(Path(str(context.node_config["site-config"])))
@@ -111,7 +104,7 @@ def gate(rc: Any, client: Any, message: Any, context: Any, fab: Any) -> Bundle:
     from flwr.app import Error, Message
 
     log.warning(reason)
-    rc.push_message(client, Message(Error(code=ERROR_REFUSED, reason=reason), reply_to=message), context)
+    reply(Message(Error(code=ERROR_REFUSED, reason=reason), reply_to=message))
     raise BundleRefused(reason)
 
 
@@ -120,31 +113,23 @@ def run_task(address: str, token: str | None, parent_pid: int | None) -> None:
 
     token None: a spare runner; import what every task needs first, then read the token from stdin
     (end of input, i.e. the runner went away without a task for it: exit)."""
-    rc = check_flower()
+    flower_patches.check("clientapp")
     if token is None:
         import fedecho.client.app  # noqa: F401  (the site's installed ClientApp, and torch with it)
 
         token = sys.stdin.readline().strip()
         if not token:
             return
-    from fedecho.fl.packing import QUICK_PULL, pack_in_place, unpack_message
+    from fedecho.fl.packing import pack_in_place, unpack_message
 
-    pull, push = rc.pull_task_input, rc.push_message
-    # The SuperNode hands the task out before it has the message's arrays from the SuperLink: Flower's first
-    # retry comes after 1 s (then 2, 4, ...), a second or more of every round; look again sooner (a local call).
-    rc.pull_and_inflate_object_from_tree = functools.partial(rc.pull_and_inflate_object_from_tree, **QUICK_PULL)
+    def judge_and_unpack(message: Any, context: Any, fab: Any, reply: Callable[[Any], None]) -> Any:
+        gate(message, context, fab, reply)
+        return unpack_message(message)  # the arrays travel packed (fedecho.fl.packing)
 
-    def pull_and_judge(client: Any) -> tuple[Any, Any, Any, Any]:
-        message, context, run, fab = pull(client)
-        gate(rc, client, message, context, fab)
-        return unpack_message(message), context, run, fab  # the arrays travel packed (fedecho.fl.packing)
-
-    def push_packed(client: Any, message: Any, context: Any) -> None:
-        push(client, pack_in_place(message), context)  # the reply's arrays as one object, not one per tensor
-
-    rc.pull_task_input = pull_and_judge
-    rc.push_message = push_packed
-    rc.run_clientapp(
+    flower_patches.quick_task_pulls()
+    # the reply's arrays as one object, not one per tensor
+    run_clientapp = flower_patches.clientapp_hooks(judge_and_unpack, pack_in_place)
+    run_clientapp(
         runtime_api_address=address, token=token, insecure=True, parent_pid=parent_pid,
         runtime_dependency_install=False,
     )  # fmt: skip
@@ -165,7 +150,7 @@ def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float =
     from fedecho.fl.superexec import hand_token
     from fedecho.fl.superexec import serve as serve_tasks
 
-    check_flower()
+    flower_patches.check("clientapp")
     spare = [_spare_runner(address)]
 
     def launch(token: str) -> None:
@@ -182,30 +167,16 @@ def serve(address: str, secret_file: Path, parent_pid: int | None, poll: float =
                 spare[0].stdin.close()  # end of input: the spare exits without a task
 
 
+# The SuperNode's waits (`flower_patches.shorter_supernode_polling` says why: about 2 s of every round)
 SUPERNODE_IDLE_POLL = 0.5  # s between a SuperNode's requests for a new message while it has none (flwr: 3 s)
 SUPERNODE_LOCAL_POLL = 0.1  # s between its looks for the ClientApp's reply, in its own memory (flwr: 0.5 s)
-
-
-class _SuperNodeClock:
-    """The `time` module as Flower's SuperNode loop (flwr.supernode.start_client_internal) sees it, with shorter
-    waits: flwr 1.42 sleeps 3 s after every pull that found no message and 0.5 s between looks for a reply, so
-    a round's message waited 1.5 s on average (up to 3 s) before its site saw it, and the reply up to 0.5 s more
-    (measured: about 2 s of every round, 20 % of a 10 s round). An idle pull is one small request."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(SUPERNODE_IDLE_POLL if seconds >= 1 else min(seconds, SUPERNODE_LOCAL_POLL))
 
 
 SUPERNODE_HEARTBEAT_INTERVAL = 10
 """s between the SuperNode's heartbeats as it declares them to the SuperLink: Flower's minimum
 (HEARTBEAT_MIN_INTERVAL), not its 30 s default. The SuperLink counts a node online until HEARTBEAT_PATIENCE (2)
 intervals after its last heartbeat, so a site that died is seen offline after about 20 s instead of 60 s (the
-coordinator leaves it out of a round sooner). flwr reads the value as the module constant
-HEARTBEAT_DEFAULT_INTERVAL in `flwr.supernode.fleet_http_connection` (what it declares) and in
-`flwr.supercore.heartbeat` (how often it sends: (interval - 5 s) x 0.7..0.9, about every 4 s)."""
+coordinator leaves it out of a round sooner). Set by `flower_patches.supernode_heartbeat`."""
 
 NODE_FILE = "node.json"  # in the state folder: the node id this site's key was last activated as, at which SuperLink
 
@@ -219,34 +190,6 @@ def _say(kind: str, text: str) -> None:
     from fedecho.client.supernode import EVENT_PREFIX
 
     print(f"{EVENT_PREFIX} {kind}: {text}", file=sys.stderr, flush=True)
-
-
-def check_supernode_hooks() -> tuple[Any, Any, Any, Any]:
-    """Flower's SuperNode modules fedecho hooks (loop clock, heartbeat interval, activation), checked to still have
-    what is replaced: a flwr that changed fails here, loudly, instead of running unhooked."""
-    from flwr.common import constant
-    from flwr.supercore import heartbeat
-    from flwr.supernode import fleet_http_connection as fhc
-    from flwr.supernode import start_client_internal as sci
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-
-    problems = []
-    if getattr(sci, "time", None) is not time or not callable(getattr(sci, "_pull_and_store_message", None)):
-        problems.append("start_client_internal has no `time` module or _pull_and_store_message (loop polling)")
-    for module in (fhc, heartbeat):
-        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
-            problems.append(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL (heartbeat interval)")
-    if not callable(getattr(FleetHttpClient, "ActivateNode", None)) or not callable(
-        getattr(FleetHttpClient, "DeactivateNode", None)
-    ):
-        problems.append("FleetHttpClient has no ActivateNode/DeactivateNode (release of a node still online)")
-    if getattr(fhc, "FleetHttpClient", None) is not FleetHttpClient:
-        problems.append("fleet_http_connection does not use FleetHttpClient")
-    if not getattr(constant, "HEARTBEAT_MIN_INTERVAL", SUPERNODE_HEARTBEAT_INTERVAL) <= SUPERNODE_HEARTBEAT_INTERVAL:
-        problems.append(f"flwr's HEARTBEAT_MIN_INTERVAL is above {SUPERNODE_HEARTBEAT_INTERVAL} s")
-    if problems:
-        raise RuntimeError("this flwr's SuperNode has changed, fedecho cannot hook it: " + "; ".join(problems))
-    return sci, fhc, heartbeat, FleetHttpClient
 
 
 def _node_key(base_url: str, public_key: bytes) -> str:
@@ -282,27 +225,24 @@ def _activation_refused(exc: BaseException) -> bool:
     return error is not None and error.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 
 
-def _hook_activation(client_class: Any, site: str, state: Path) -> None:
-    """FleetHttpClient.ActivateNode, remembering the node id it got and, when the SuperLink refuses because it
-    still counts the node online (flwr 1.42: ONLINE until 2 heartbeat intervals after the last heartbeat, e.g. a
-    start right after a crash), releasing the node and activating again.
+def _activation_handler(site: str, state: Path) -> Callable[[flower_patches.Activation], Any]:
+    """What the site's SuperNode does when it activates (`flower_patches.wrap_activation`): Flower's ActivateNode,
+    remembering the node id it got and, when the SuperLink refuses because it still counts the node online
+    (flwr 1.42: ONLINE until 2 heartbeat intervals after the last heartbeat, e.g. a start right after a crash),
+    releasing the node and activating again.
 
     The refusal does not say why, so the node this key was last activated as (NODE_FILE) is released with
     DeactivateNode: the SuperLink accepts it only when signed by that node's own key. Unauthorized (401) means this
     key maps to no such node: the key is not registered (any more)."""
     import httpx
-    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
 
-    activate = client_class.ActivateNode
-
-    def release_and_activate(client: Any, request: Any, refusal: BaseException) -> Any:
-        base_url = str(getattr(client, "_base_url", ""))
-        known = remembered_node(state, base_url, request.public_key)
+    def release_and_activate(act: flower_patches.Activation, refusal: BaseException) -> Any:
+        known = remembered_node(state, act.superlink, act.public_key)
         if known is None:
             _say("unregistered", "the coordinator refused to activate this site's key, and no node of it is on record")
             raise SiteRefused(f"site {site}: activation refused; its public key is not registered") from refusal
         try:
-            client.DeactivateNode(DeactivateNodeRequest(node_id=known))
+            act.deactivate(known)
         except httpx.HTTPStatusError as e:
             if e.response.status_code == httpx.codes.UNAUTHORIZED:
                 _say("unregistered", f"the coordinator refused to activate this site's key (node {known} is not its)")
@@ -313,40 +253,39 @@ def _hook_activation(client_class: Any, site: str, state: Path) -> None:
         said = f"the coordinator still counted site {site} online from its previous start; released node {known}"
         _say("released", said)
         try:
-            return activate(client, request)
+            return act.activate()
         except Exception as e:
             if _activation_refused(e):
                 _say("online", f"node {known} released, but its activation was refused again")
                 raise SiteRefused(f"site {site}: activation refused after releasing node {known}") from e
             raise
 
-    def activate_or_release(client: Any, request: Any) -> Any:
+    def activate_or_release(act: flower_patches.Activation) -> Any:
         try:
-            response = activate(client, request)
+            response = act.activate()
         except Exception as e:
             if not _activation_refused(e):
                 raise
-            response = release_and_activate(client, request, e)
-        remember_node(state, str(getattr(client, "_base_url", "")), request.public_key, int(response.node_id))
+            response = release_and_activate(act, e)
+        remember_node(state, act.superlink, act.public_key, int(response.node_id))
         return response
 
-    client_class.ActivateNode = activate_or_release
+    return activate_or_release
 
 
 def supernode(argv: list[str]) -> None:
-    """Flower's flower-supernode (same arguments) with `_SuperNodeClock` in its message loop, heartbeats every
-    SUPERNODE_HEARTBEAT_INTERVAL, a node still counted online released (`_hook_activation`), and a graceful stop
-    (SIGINT to itself: Flower then deactivates the node) when its parent, the site's launcher, dies."""
+    """Flower's flower-supernode (same arguments) with shorter waits in its message loop, heartbeats every
+    SUPERNODE_HEARTBEAT_INTERVAL, a node still counted online released (`_activation_handler`), and a graceful
+    stop (SIGINT to itself: Flower then deactivates the node) when its parent, the site's launcher, dies."""
     from flwr.supernode.cli import flower_supernode
 
     from fedecho._proc import watch_parent
 
-    sci, fhc, heartbeat, client_class = check_supernode_hooks()
-    sci.time = _SuperNodeClock()  # type: ignore[assignment]
-    fhc.HEARTBEAT_DEFAULT_INTERVAL = SUPERNODE_HEARTBEAT_INTERVAL
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = SUPERNODE_HEARTBEAT_INTERVAL
+    flower_patches.check("supernode")
+    flower_patches.shorter_supernode_polling(SUPERNODE_IDLE_POLL, SUPERNODE_LOCAL_POLL)
+    flower_patches.supernode_heartbeat(SUPERNODE_HEARTBEAT_INTERVAL)
     state = Path(os.environ.get("FEDECHO_SITE_STATE") or Path.cwd())
-    _hook_activation(client_class, os.environ.get("FEDECHO_SITE_NAME", "this site"), state)
+    flower_patches.wrap_activation(_activation_handler(os.environ.get("FEDECHO_SITE_NAME", "this site"), state))
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGINT))
     sys.argv = ["flower-supernode", *argv]
     sys.exit(flower_supernode())

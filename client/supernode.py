@@ -332,7 +332,7 @@ def probe_superlink(site: SiteConfig, insecure: bool = False, timeout: float = 5
 
 def supernode_argv(site: SiteConfig, insecure: bool = False) -> list[str]:
     """The flower-supernode command line for this site (TLS + node authentication unless insecure), run through
-    `fedecho.client.runtime flower-supernode`: Flower's SuperNode with shorter polling (see `_SuperNodeClock`)."""
+    `fedecho.client.runtime flower-supernode`: Flower's SuperNode with shorter polling."""
     argv = [
         sys.executable, "-m", "fedecho.client.runtime", "flower-supernode", "--",
         "--superlink", site.superlink,

@@ -11,20 +11,18 @@ itself. This module, part of the fedecho the coordinator installed, does instead
   is refused: the run ends `failed` with the reason, the refusal is written to the server's access audit log,
   and nothing of the bundle is installed or imported.
 
-The hook replaces `install_from_fab` in Flower's `run_serverapp` module, for flwr 1.42.0 (pinned);
-`check_flower` fails loudly if that name ever goes away.
+The hook is applied by `fedecho.fl.flower_patches.serverapp_bundle_hook`, which checks first that the installed
+Flower is the pinned one (flwr 1.42.0) and still has what it patches.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from fedecho.fl.bundle import BundleError, read_bundle
 
@@ -33,16 +31,6 @@ log = logging.getLogger("fedecho.server.runtime")
 
 class BundleRefused(RuntimeError):
     """The coordinator refused a run's app bundle (already audited)."""
-
-
-def check_flower() -> Any:
-    """Flower's run_serverapp module (the package exports a function of the same name), checked to still have
-    the function fedecho hooks."""
-    rs = importlib.import_module("flwr.superlink.runtime.run_serverapp")
-
-    if not callable(getattr(rs, "install_from_fab", None)) or not callable(getattr(rs, "run_serverapp", None)):
-        raise RuntimeError("this flwr has no run_serverapp.install_from_fab: the coordinator cannot judge bundles")
-    return rs
 
 
 def judge_bundle(fab: bytes) -> tuple[bool, str, str]:
@@ -84,10 +72,9 @@ def run_task(address: str, token: str, root_certificates: Path | None, parent_pi
 
     from flwr.supercore.logger import mirror_output_to_queue, restore_output
 
-    rs = check_flower()
-    install = rs.install_from_fab
+    from fedecho.fl import flower_patches
 
-    def judge_then_install(fab: bytes, *args: Any, **kwargs: Any) -> Any:
+    def judge(fab: bytes) -> None:
         allowed, sha, reason = judge_bundle(fab)
         if not allowed:
             try:
@@ -95,14 +82,13 @@ def run_task(address: str, token: str, root_certificates: Path | None, parent_pi
             except Exception as e:  # the refusal stands even if the audit cannot be written; say so
                 log.error("could not write the refusal to the audit log: %s", e)
             raise BundleRefused(reason)
-        return install(fab, *args, **kwargs)
 
-    rs.install_from_fab = judge_then_install
+    run_serverapp = flower_patches.serverapp_bundle_hook(judge)
     logging.getLogger("flwr").addFilter(_QuietRefusal())
     log_queue: Queue[str | None] = Queue()
     mirror_output_to_queue(log_queue)  # as flwr-serverapp does: `flwr run --stream` shows the run's output
     try:
-        rs.run_serverapp(
+        run_serverapp(
             runtime_api_address=address, log_queue=log_queue, token=token, insecure=root_certificates is None,
             certificates=root_certificates.read_bytes() if root_certificates else None, parent_pid=parent_pid,
             runtime_dependency_install=False,
@@ -125,11 +111,12 @@ def executor(
     copy the public front's refusals into the server's access audit log."""
     import threading
 
+    from fedecho.fl.flower_patches import check
     from fedecho.fl.superexec import hand_token, serve
     from fedecho.server.config import load_server_config
     from fedecho.server.front import watch_refusals
 
-    check_flower()
+    check("serverapp")
     threading.Thread(target=watch_refusals, args=(load_server_config(server),), daemon=True).start()
 
     def launch(token: str) -> None:  # hand_token reaps the runner when its task ends (no zombie is left)

@@ -30,7 +30,7 @@ from deploy_helpers import Deployment, free_port, kill_group, make_deployment
 
 from fedecho._proc import cmdline, read_lock, rotate_log, stop, wait_for
 from fedecho.client.config import SiteConfig, load_site_config
-from fedecho.client.runtime import SUPERNODE_HEARTBEAT_INTERVAL, check_supernode_hooks
+from fedecho.client.runtime import SUPERNODE_HEARTBEAT_INTERVAL
 from fedecho.client.supernode import (
     LOCK_NAME,
     SiteClash,
@@ -116,7 +116,9 @@ def test_flower_hooks_still_exist() -> None:
     """A flwr upgrade that moves what the site's SuperNode wrapper hooks fails here, not silently at a site."""
     from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
 
-    check_supernode_hooks()
+    from fedecho.fl.flower_patches import check
+
+    check()
     assert SUPERNODE_HEARTBEAT_INTERVAL == HEARTBEAT_MIN_INTERVAL
 
 

@@ -17,19 +17,17 @@ caller then keeps it as it came: `decode` rejects its unexpected name).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import struct
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
+from fedecho.fl.flower_patches import message_with
+
 PACKED = ".packed"  # the one entry of a packed record (state-dict keys never start with ".")
 STYPE = "fedecho.packed/v1"
 _HEAD = struct.Struct("<Q")  # byte length of the JSON index that follows
-# Retries of Flower's object pulls while the sender is still uploading (flwr: after 1, 2, 4 ... 10 s, at most 500
-# tries): sooner, and bounded by Flower's time limit (2 h) alone, so that a slow upload is not cut short.
-QUICK_PULL: dict[str, Any] = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": None}
 
 
 def pack(record: ArrayRecord) -> ArrayRecord:
@@ -99,11 +97,7 @@ def pack_message(msg: Message, cache: dict[int, ArrayRecord] | None = None) -> M
             if cache is not None:
                 cache[id(record)] = packed
         content[key] = packed
-    out = copy.copy(msg)  # a Message keeps its parts in __dict__: new metadata and content, no cached id
-    out.__dict__.pop("_object_id", None)
-    out.__dict__["_metadata"] = copy.copy(msg.metadata)
-    out.__dict__["_content"] = RecordDict(content)
-    return out
+    return message_with(msg, RecordDict(content))  # its own copy of the metadata
 
 
 def pack_in_place(msg: Message) -> Message:
