@@ -12,7 +12,6 @@ named from the registry the coordinator keeps in its state folder (`fedecho.serv
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -20,17 +19,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from fedecho._env import set_torch_threads
 from fedecho.fl.config import parse_run_config
-from fedecho.fl.packing import QUICK_PULL, pack_message, unpack_message
+from fedecho.fl.flower_patches import quick_reply_pulls, set_message_id
+from fedecho.fl.packing import pack_message, unpack_message
 from fedecho.report.tables import fmt_round
 from fedecho.server.config import DEFAULT_MAX_EXAMPLES
 from fedecho.server.identity import RegistryNames
 from fedecho.server.rounds import FederatedRun, RoundFailed, ServerSettings
+from fedecho.server.transport import GridWrapper
 from fedecho.storage.store import store_url
 
 log = logging.getLogger("fedecho.server")
@@ -92,38 +92,17 @@ def _per_site_caps(text: str) -> dict[str, int]:
         raise ValueError(f"run config fedecho-max-examples-per-site is malformed ({e}): {text[:80]!r}") from e
 
 
-class PackingGrid(Grid):
+class PackingGrid(GridWrapper):
     """Flower's Grid with every message's arrays packed into one Array on the way out and unpacked on the way
     back (`fedecho.fl.packing`: one object per tensor made the transport cost 20-60 s a round). The round loop
     sees the records it built and the ones the sites built, as before."""
-
-    def __init__(self, grid: Grid):
-        self.grid = grid
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         originals = list(messages)
         shared: dict[int, ArrayRecord] = {}  # the same global tensors go to every site: packed once
         ids = list(self.grid.push_messages([pack_message(m, cache=shared) for m in originals]))
         for m, i in zip(originals, ids, strict=False):  # as Flower's grid does with the message it pushes
-            m.metadata.__dict__["_message_id"] = i
+            set_message_id(m, i)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -133,16 +112,6 @@ class PackingGrid(Grid):
         shared: dict[int, ArrayRecord] = {}
         replies = self.grid.send_and_receive([pack_message(m, cache=shared) for m in messages], timeout=timeout)
         return [unpack_message(m) for m in replies]
-
-
-def quick_reply_pulls(grid: Grid) -> None:
-    """Flower's HttpGrid returns a reply as soon as the site has announced it, then pulls its arrays with retries
-    after 1, 2, 4 ... s while the site is still uploading them: a second or more of every round. Retry sooner
-    (Flower's time limit, 2 h, still bounds a pull; its count of tries would end a slow upload too early)."""
-    from flwr.superlink.grid import http_grid
-
-    if isinstance(grid, http_grid.HttpGrid) and not isinstance(http_grid.pull_objects, functools.partial):
-        http_grid.pull_objects = functools.partial(http_grid.pull_objects, **QUICK_PULL)  # type: ignore[assignment]
 
 
 def print_round(phase: str, server_round: int, summary: dict[str, Any]) -> None:
@@ -175,7 +144,7 @@ def build_server_app(
         log.info("fedecho run %d (%s): phases %s", run.run_id, run.cfg.run.name, ", ".join(run.cfg.phases))
         print(f"fedecho run {run.run_id}: {run.cfg.run.name}", flush=True)
         try:
-            run.execute(PackingGrid(grid))
+            run.execute(run.transport(PackingGrid(grid)))  # deadlines and resends around the packed transport
         except RoundFailed as e:  # a pause, not a crash: one line, and the run resumes from its checkpoint
             if outcome is not None:
                 outcome["error"] = e

@@ -41,17 +41,16 @@ from fedecho.fl.statistics import (
 )
 from fedecho.models import EchoVisionFM
 from fedecho.models.heads import is_stat_key, last_linear
+from fedecho.server.transport import RoundFailed, TooFewReplies
+from fedecho.server.update_checks import SiteReply
 
 if TYPE_CHECKING:
-    from flwr.serverapp import Grid
+    from fedecho.server.rounds import FederatedRun
+    from fedecho.server.transport import DeadlineGrid
 
-    from fedecho.server.rounds import FederatedRun, SiteReply
 
-
-def phase_start(run: FederatedRun, grid: Grid, phase: str, model: EchoVisionFM) -> None:
+def phase_start(run: FederatedRun, grid: DeadlineGrid, phase: str, model: EchoVisionFM) -> None:
     """Before a phase's first round (no checkpoint yet): the federation's target statistics into the heads."""
-    from fedecho.server.rounds import RoundFailed, TooFewReplies
-
     pcfg = run.cfg.phase(phase)
     if phase != "finetune" or not pcfg.target_stats:
         return
@@ -84,7 +83,12 @@ def phase_start(run: FederatedRun, grid: Grid, phase: str, model: EchoVisionFM) 
 
 
 def after_aggregation(
-    run: FederatedRun, grid: Grid, phase: str, server_round: int, model: EchoVisionFM, sent: dict[str, torch.Tensor]
+    run: FederatedRun,
+    grid: DeadlineGrid,
+    phase: str,
+    server_round: int,
+    model: EchoVisionFM,
+    sent: dict[str, torch.Tensor],
 ) -> None:
     """After a round's aggregation (before its evaluation and checkpoint): the target statistics back to what was
     sent (`sent`: the round's fp32 master), then the ridge refit when `[finetune].refit` asks for one now."""
@@ -99,7 +103,7 @@ def after_aggregation(
     refit(run, grid, phase, server_round, model)
 
 
-def refit(run: FederatedRun, grid: Grid, phase: str, server_round: int, model: EchoVisionFM) -> bool:
+def refit(run: FederatedRun, grid: DeadlineGrid, phase: str, server_round: int, model: EchoVisionFM) -> bool:
     """Set every regression head's last layer to the federated ridge solution; False (and a `refit-skipped`
     event) when too few sites answered or the pooled system has no solution."""
     pcfg = run.cfg.phase(phase)
@@ -148,7 +152,7 @@ def refit(run: FederatedRun, grid: Grid, phase: str, server_round: int, model: E
 
 def query(
     run: FederatedRun,
-    grid: Grid,
+    grid: DeadlineGrid,
     phase: str,
     server_round: int,
     question: str,
@@ -176,10 +180,10 @@ def query(
         if out is not None:  # the frozen encoder goes only where it is missing, as with training
             content["arrays"] = out.with_frozen if out.frozen_digest and node not in run.holding_frozen else out.down
         messages.append(Message(content, node, MessageType.QUERY))
-    results = [check_query_reply(run, msg, reply, expected) for msg, reply in run.exchange(grid, messages, run.quorum)]
-    run.one_reply_per_site(results, "query")
+    results = [check_query_reply(run, msg, reply, expected) for msg, reply in grid.exchange(messages, run.quorum)]
+    run.checks.one_reply_per_site(results, "query")
     for r in results:
-        run._record_site(phase, server_round, "query", r)
+        run.record_site(phase, server_round, "query", r)
         if r.status == "ok" and out is not None and out.frozen_digest:
             run.holding_frozen.add(r.node_id)
     return sorted((r for r in results if r.status == "ok"), key=lambda r: r.site), results
@@ -190,14 +194,13 @@ def check_query_reply(
 ) -> SiteReply:
     """A site's statistics reply, accepted (its arrays as float64 tensors in `update`) or not: whatever is wrong
     with it makes it a rejection naming the reason, and nothing of it is used."""
-    from fedecho.server.rounds import SiteReply
 
     def read(site: str, content: RecordDict, metrics: dict[str, float]) -> SiteReply:
         videos = claimed_examples(metrics, run.settings.examples_cap(site))
         values = statistics_arrays(content["arrays"], expected, videos)
         return SiteReply(site, 0, "ok", metrics, update={k: torch.from_numpy(v) for k, v in values.items()})
 
-    return run.check_reply(msg, reply, "query", read)
+    return run.checks.reply(msg, reply, "query", read)
 
 
 def statistics_arrays(record: ArrayRecord, expected: dict[str, tuple[int, ...]], videos: int) -> dict[str, np.ndarray]:

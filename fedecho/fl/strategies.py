@@ -112,7 +112,36 @@ def check_strategy(name: str, params: dict[str, Any], where: str = "run file") -
                 raise ConfigError(f"{where}: [strategy].{key} must be a number, not {value!r}")
 
 
-class OuterOptimizer(Strategy):
+class StrategyWrapper(Strategy):
+    """A Flower strategy around another, as Flower's DP wrappers are: everything it does not change goes to the
+    wrapped strategy (`strategy`). Subclasses override what they add to."""
+
+    def __init__(self, strategy: Strategy):
+        self.strategy = strategy
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class OuterOptimizer(StrategyWrapper):
     """DiLoCo's outer step around any averaging strategy: the round's aggregate minus the global model is
     a pseudo-gradient, and the global model steps along it with (Nesterov) momentum at rate `lr`.
 
@@ -149,17 +178,6 @@ class OuterOptimizer(Strategy):
             direction = step + self.momentum * m if self.nesterov else m
             stepped[k] = Array(x - self.lr * direction)
         return stepped, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 def build_strategy(
