@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: venv nginx postgres demo test lint docs bench clean
+.PHONY: venv nginx postgres demo test test-fast lint docs bench clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,11 @@ test: $(STAMP) nginx postgres
 	d=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet -d $$d/site; s=$$?; rm -rf $$d; exit $$s
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# While working: the tests not marked slow (under 2 minutes on 2 cores); `make test` stays the full suite.
+test-fast: $(STAMP) postgres
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The user manual (MkDocs, Material theme) into site/; the reference pages are generated from the code.
 docs: $(STAMP)

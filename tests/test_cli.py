@@ -24,6 +24,7 @@ def test_help_on_every_command(args: list[str]) -> None:
     assert res.exit_code == 0 and "Usage" in res.output
 
 
+@pytest.mark.slow
 def test_inspect_multisite_phantom(dicom_phantom: Path, cache_dir: Path) -> None:
     res = runner.invoke(app, ["data", "inspect", str(dicom_phantom), "--cache", str(cache_dir)], env={"COLUMNS": "160"})
     assert res.exit_code == 0, res.output
@@ -39,6 +40,7 @@ def test_inspect_reports_problems_and_bad_paths(echonet_phantom: Path, tmp_path:
     assert res.exit_code == 2 and "neither an echo source" in res.output
 
 
+@pytest.mark.slow
 def test_model_list_shows_the_zoo() -> None:
     res = runner.invoke(app, ["model", "list"], env={"COLUMNS": "200"})
     assert res.exit_code == 0

@@ -35,6 +35,7 @@ def _commands() -> list[list[str]]:
     return paths
 
 
+@pytest.mark.slow
 def test_help_of_every_command_imports_nothing_heavy() -> None:
     commands = _commands()
     assert ["data", "add"] in commands and ["runs", "list"] in commands and ["sim"] in commands
@@ -58,6 +59,7 @@ def test_commands_that_do_not_train_import_nothing_heavy(args: list[str], tmp_pa
     assert "fedecho" in imported
 
 
+@pytest.mark.slow
 def test_a_training_command_still_imports_what_it_needs(tmp_path: Path) -> None:
     """The measure is real: `model list` builds models, so torch and timm are imported there."""
     assert {"torch", "timm"} <= _imported("model", "list")

@@ -41,6 +41,8 @@ from fedecho.synth.encodings import (
     VOLUME_3D,
 )
 
+pytestmark = pytest.mark.slow  # builds a whole phantom archive
+
 SITES = ("site01", "site02")
 
 

@@ -116,6 +116,7 @@ def test_the_readme_is_short() -> None:
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; the manual's detail belongs under docs/"
 
 
+@pytest.mark.slow
 def test_every_fedecho_command_in_the_manual_is_a_real_command_whose_help_runs() -> None:
     mentions = list(_mentions())
     assert len(mentions) > 80, "the pages' commands were not found"

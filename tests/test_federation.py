@@ -288,6 +288,7 @@ def _final_model(store: Store, run_id: int) -> dict[str, torch.Tensor]:
     return load_file(store.checkpoints(run_id)[0].path)
 
 
+@pytest.mark.slow
 def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Path) -> None:
     cfg = parse_run_config(tiny_run(wire="float16"), "tiny")
     outsider: list[subprocess.CompletedProcess] = []
@@ -374,6 +375,7 @@ def _ray_processes() -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == mine and ("raylet" in line or "gcs_server" in line)]
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(federated_phantom: Path, tmp_path: Path) -> None:
     text = tiny_run(strategy="fedadam", pretrain_rounds=3, finetune_rounds=0, freeze=False)
     cfg = parse_run_config(text, "tiny")

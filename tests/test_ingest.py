@@ -52,6 +52,7 @@ def registered(dicom_phantom: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return archive, site, first + second + report, second
 
 
+@pytest.mark.slow
 def test_no_identifier_reaches_the_site_folder_or_the_output(registered: tuple[Path, Path, str, str]) -> None:
     archive, site, output, _ = registered
     phi = header_phi(archive)

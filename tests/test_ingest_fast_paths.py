@@ -215,6 +215,7 @@ def _same(a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]]) -> boo
     )
 
 
+@pytest.mark.slow
 def test_lossless_decoder_gives_pydicoms_frames(lossless_archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"jpegls": 0, "jpeg8": 0}
     for name in calls:
@@ -231,6 +232,7 @@ def test_lossless_decoder_gives_pydicoms_frames(lossless_archive: Path, monkeypa
     assert _same(fast, _all_frames(lossless_archive))
 
 
+@pytest.mark.slow
 def test_lossless_decoder_hands_over_to_pydicom(lossless_archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A frame it cannot decode: pydicom's plugins decode the rest. A first frame it reads otherwise:
     pydicom's plugins decode them all. Either way the frames are pydicom's."""

@@ -81,6 +81,7 @@ def reference(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return site, ingest(archive, site, workers=1, progress=False)
 
 
+@pytest.mark.slow
 def test_two_workers_register_what_one_does(archive: Path, reference: tuple[Path, Any], tmp_path: Path) -> None:
     ref_site, one = reference
     site = _site(tmp_path / "site")
@@ -127,6 +128,7 @@ def _when_rows(proc: subprocess.Popen[bytes], site: Path, timeout: float = 120) 
     raise AssertionError("the pass committed nothing in time")
 
 
+@pytest.mark.slow
 def test_a_killed_pass_resumes_to_the_same_site_folder(
     archive: Path, reference: tuple[Path, Any], tmp_path: Path
 ) -> None:
@@ -147,6 +149,7 @@ def test_a_killed_pass_resumes_to_the_same_site_folder(
     assert again.already == committed and len(again.added) + len(again.quarantined) == total - committed
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_file_is_retried_alone(archive: Path, reference: tuple[Path, Any], tmp_path: Path) -> None:
     """The out-of-memory killer (or a crashing codec) ends one worker: the pass still ends as one
     process would have ended it, with nothing quarantined for it."""

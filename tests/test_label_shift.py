@@ -214,6 +214,7 @@ def _training_videos(cfg, folder: Path, model) -> tuple[dict[str, np.ndarray], d
     return {t: np.stack(v) for t, v in feats.items()}, {t: np.array(v) for t, v in ys.items()}
 
 
+@pytest.mark.slow
 def test_simulated_run_refits_the_heads_to_the_pooled_ridge_and_resumes(
     federated_phantom: Path, tmp_path: Path
 ) -> None:
@@ -252,6 +253,7 @@ def test_simulated_run_refits_the_heads_to_the_pooled_ridge_and_resumes(
         assert float(last.bias.detach()) == pytest.approx(w[-1], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_site_with_too_few_videos_refuses_the_query_and_the_run_pauses(
     federated_phantom: Path, tmp_path: Path
 ) -> None:

@@ -165,6 +165,7 @@ def test_label_shift_options_apply_to_fine_tuning_only() -> None:
         parse_run_config(text, "run.toml")
 
 
+@pytest.mark.slow
 def test_scaffold_and_outer_momentum_train_and_resume_round_exactly(federated_phantom: Path, tmp_path: Path) -> None:
     """Local AdamW with its moments kept at each site, SCAFFOLD's correction and an outer Nesterov step, on the
     int8 wire: a run stopped after round 2 and resumed equals the uninterrupted one, bit for bit."""
@@ -240,6 +241,7 @@ def test_a_reply_without_a_good_control_variate_change_is_rejected(tmp_path: Pat
     assert good.bytes_up == 2 * encode({"w": torch.ones(3)}, "float32").count_bytes()
 
 
+@pytest.mark.slow
 def test_the_first_local_step_moves_every_layer_and_starts_at_the_mean() -> None:
     """A fresh head predicts the population mean, yet the first step's gradient reaches every trained layer: a
     site with one local step per round sends an update of the same kind as a site with many (a zero-initialised

@@ -59,6 +59,7 @@ def _clips() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(2, 3, 8, 112, 112, generator=g), torch.arange(8).repeat(2, 1)
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_fusion_and_heads() -> None:
     model = _lora_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -101,6 +102,7 @@ def test_lora_exchanges_adapters_fusion_and_heads_with_far_fewer_bytes() -> None
         assert lora_bytes < bound * full_bytes, (fusion, lora_bytes / full_bytes)
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_loads_through_the_mapping_and_lora_starts_as_identity(tmp_path: Path) -> None:
     torch.manual_seed(5)
     pre = create_model("echo_vit_tiny", decoder=True, num_frames=8)
@@ -126,6 +128,7 @@ def test_pretrained_encoder_loads_through_the_mapping_and_lora_starts_as_identit
         assert not torch.allclose(other.forward_features(x), plain.forward_features(x), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_merge(tmp_path: Path) -> None:
     model = _random_heads(_lora_model(rank=4))
     with torch.no_grad():
@@ -154,6 +157,7 @@ def test_checkpoint_round_trip_and_merge(tmp_path: Path) -> None:
         "encoder.blocks.1.mlp.fc1.weight"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_dp_sgd_with_lora_computes_per_sample_gradients_only_for_what_trains() -> None:
     model = _lora_model(head="mlp", stf_norm="group")
     cfg = PhaseSection(batch_size=3, lr=1e-3, warmup_epochs=0, tasks=["ef"], weight_decay=0.0)
@@ -184,6 +188,7 @@ def test_dp_sgd_with_lora_computes_per_sample_gradients_only_for_what_trains() -
     assert any(not torch.equal(after[k], before[k]) for k in after if ".lora_" in k)
 
 
+@pytest.mark.slow
 def test_local_lora_fine_tuning_and_predict(echonet_phantom: Path, tmp_path: Path) -> None:
     """`fedecho train finetune` with [finetune] lora_rank from a pre-trained checkpoint, then `fedecho predict`."""
     torch.manual_seed(2)
@@ -243,6 +248,7 @@ def _local(federated: str) -> str:
     return "\n".join(line for line in federated.splitlines() if not line.startswith(FEDERATED_ONLY))
 
 
+@pytest.mark.slow
 def test_federated_lora_run(federated_phantom: Path, tmp_path: Path) -> None:
     cfg = parse_run_config(_lora_run(), "tiny")
     run_id = simulate(cfg, federated_phantom, tmp_path / "state", default_policy=TINY_DATA)

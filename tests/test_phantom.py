@@ -103,6 +103,7 @@ def test_ef_spread_and_site_mixes_differ() -> None:
     assert max(site_means) - min(site_means) > 0.2
 
 
+@pytest.mark.slow
 def test_varied_acquisition_keeps_labels_and_tracings() -> None:
     """Per-video acquisition changes the image (depth, gain, probe position), never the labels;
     the cavity stays where the tracing says, and the result is deterministic."""
@@ -127,6 +128,7 @@ def test_varied_acquisition_keeps_labels_and_tracings() -> None:
     assert len(depths) == 4 and np.ptp(images) > 1.0
 
 
+@pytest.mark.slow
 def test_deterministic_in_the_seed(tmp_path: Path) -> None:
     def digest(root: Path) -> str:
         h = hashlib.sha256()

@@ -68,6 +68,7 @@ def _one_step(trainer: Trainer, plan: DPPlan) -> dict[str, torch.Tensor]:
     return seen
 
 
+@pytest.mark.slow
 def test_dp_step_clips_each_sample_and_adds_noise() -> None:
     ds = TinyVideos()
     # Opacus' per-sample gradients on this model (GroupNorm STF-Net, attention) add up to the ordinary gradient.
@@ -212,6 +213,7 @@ def test_a_dicom_site_trains_per_patient_and_says_so(dicom_phantom: Path, tmp_pa
 # ------------------------------------------------------------------ the ledger
 
 
+@pytest.mark.slow
 def test_ledger_composes_across_restarts_like_opacus(tmp_path: Path) -> None:
     rounds = [(1.1, 0.2, 5), (1.1, 0.2, 5), (0.8, 0.5, 3)]
     with PrivacyLedger(tmp_path) as ledger:
@@ -246,6 +248,7 @@ def _site_round(phantom: Path, state: Path, privacy: PrivacyPolicy, run_text: st
     return update, metrics
 
 
+@pytest.mark.slow
 def test_site_refuses_before_training_and_a_crash_keeps_the_reservation(
     federated_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,6 +294,7 @@ def _train_videos(site: Path) -> int:
     return sum(r.split == "train" for r in open_source(site).scan().records)
 
 
+@pytest.mark.slow
 def test_simulated_dp_run_reports_epsilon_and_refuses_a_spent_site(federated_phantom: Path, tmp_path: Path) -> None:
     text = tiny_run(pretrain_rounds=2, finetune_rounds=1).replace(
         "num_frames = 8", 'num_frames = 8\nstf_norm = "group"'
@@ -316,6 +320,7 @@ def test_simulated_dp_run_reports_epsilon_and_refuses_a_spent_site(federated_pha
     assert any(e.kind == "refused" and e.site == "site02" for e in store.events(run_id))
 
 
+@pytest.mark.slow
 def test_central_dp_wraps_the_strategy(federated_phantom: Path, tmp_path: Path) -> None:
     params = {"central_dp": "adaptive", "noise_multiplier": 0.5, "num_sampled_clients": 2, "eta": 0.01}
     with pytest.raises(ConfigError, match="clipped_count_stddev"):

@@ -239,6 +239,7 @@ def test_no_identifier_in_the_cli_output_or_the_superlink_log(proof: Proof) -> N
     assert not proof.needles.found(log)
 
 
+@pytest.mark.slow
 def test_the_needles_find_what_they_look_for(tmp_path: Path) -> None:
     """The search is no weaker than it looks: header values, burned-in text and paths, in any case."""
     synthesize(tmp_path, videos=2, sites=1, fmt="dicom", seed=2, max_frames=12, progress=False)

@@ -85,6 +85,7 @@ def test_runs_list_and_show(state: tuple[Path, int]) -> None:
     assert "site-dropped" in out and "<b>" in out and f"{3:064x}" in out and "finished" in out
 
 
+@pytest.mark.slow
 def test_report_writes_html_and_pngs(state: tuple[Path, int], tmp_path: Path) -> None:
     folder, run = state
     out = tmp_path / "report"
@@ -135,6 +136,7 @@ def test_help(args: list[str]) -> None:
     assert res.exit_code == 0 and "Usage" in res.output
 
 
+@pytest.mark.slow
 def test_runs_list_and_show_never_import_the_plots(state: tuple[Path, int], tmp_path: Path) -> None:
     """The tables live apart from the plots: printing a run loads neither matplotlib nor the plotting module."""
     folder, run = state

@@ -173,6 +173,7 @@ def test_audit_logs_are_append_only_and_shown(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "no site database" in res.output
 
 
+@pytest.mark.slow
 def test_simulated_run_one_site_refuses_the_other_trains(federated_phantom: Path, tmp_path: Path) -> None:
     text = tiny_run(pretrain_rounds=1, finetune_rounds=0).replace("seed = 3\n", "seed = 3\nmin_sites = 1\n")
     cfg = parse_run_config(text, "tiny")
@@ -277,6 +278,7 @@ def test_too_few_videos_are_refused_before_any_video_is_read(
     assert row.decision == "refused" and "min_videos" in row.reason
 
 
+@pytest.mark.slow
 def test_a_budget_refusal_comes_before_any_video_is_read(
     federated_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

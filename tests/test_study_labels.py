@@ -30,6 +30,8 @@ from fedecho.storage.site_store import SiteStore
 from fedecho.synth import OVERLAYS, synthesize
 from fedecho.synth.dicom_writer import STUDY_LABELS, TINY
 
+pytestmark = pytest.mark.slow  # builds a phantom archive of four sites
+
 SITES = {"site01": "code", "site02": "name", "site03": "series", "site04": "none"}
 
 

@@ -70,6 +70,7 @@ tasks = ["ef", "ef_class"]
     return cfg
 
 
+@pytest.mark.slow
 def test_short_pretraining_lowers_the_loss(run_config: Path, tmp_path: Path) -> None:
     last = train_phase(load_run_config(run_config), "pretrain", tmp_path / "pre", progress=False)
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "pre")]
@@ -78,6 +79,7 @@ def test_short_pretraining_lowers_the_loss(run_config: Path, tmp_path: Path) -> 
     assert "val_loss" in last and (tmp_path / "pre" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_finetune_is_deterministic_and_reports_test_metrics(run_config: Path, tmp_path: Path) -> None:
     cfg = load_run_config(run_config)
     a = train_phase(cfg, "finetune", tmp_path / "a", progress=False)
@@ -88,6 +90,7 @@ def test_finetune_is_deterministic_and_reports_test_metrics(run_config: Path, tm
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(run_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_run_config(run_config)
     cfg.pretrain.epochs = 3
@@ -154,6 +157,7 @@ def test_shipped_configs_load() -> None:
         load_run_config(root / name)
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_predict(
     run_config: Path, tmp_path: Path, echonet_phantom: Path, dicom_phantom: Path
 ) -> None:

@@ -236,6 +236,7 @@ HONEST = {101: "alpha", 102: "bravo"}
         ("corrupt", 103, "mallory", "ValueError: "),  # anything unexpected: a rejection naming the exception
     ],
 )
+@pytest.mark.slow
 def test_each_attack_is_rejected_and_the_model_is_the_honest_sites_aggregate(
     identity: None, tmp_path: Path, attack: str, node: int, recorded: str, reason: str
 ) -> None:
@@ -280,6 +281,7 @@ SIM_PLAN = (
 )
 
 
+@pytest.mark.slow
 def test_simulated_site_tampering_after_honest_training_changes_nothing(
     federated_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,6 +39,7 @@ def test_a_record_that_is_not_packed_passes_and_a_malformed_one_is_refused() -> 
             unpack(bad)
 
 
+@pytest.mark.slow
 def test_pack_message_leaves_the_original_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     for attr in ("_run_id", "_task_id", "_node_id"):  # messages outside a Flower process need an identity
         monkeypatch.setattr(TaskIdentity, attr, 1)
