@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -288,24 +289,51 @@ def _final_model(store: Store, run_id: int) -> dict[str, torch.Tensor]:
     return load_file(store.checkpoints(run_id)[0].path)
 
 
-@pytest.mark.slow
-def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Path) -> None:
+@dataclass
+class SimulatedRun:
+    """One simulated run (with --compare) that the tests below each read a part of."""
+
+    store: Store
+    run_id: int
+    state: Path
+    outsider: subprocess.CompletedProcess
+    pwned: Path
+    ray_left: list[str]
+    compare: dict[str, dict[str, dict[str, float]]]
+
+
+@pytest.fixture(scope="module")
+def simulated(federated_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulatedRun:
+    """Two sites, 2 pre-training and 1 fine-tuning rounds in float16 on the wire; the server also scores each
+    round's global model on a held-out set of its own; during the first round an outsider tries the run's Ray."""
+    tmp = tmp_path_factory.mktemp("simulated")
     cfg = parse_run_config(tiny_run(wire="float16"), "tiny")
     outsider: list[subprocess.CompletedProcess] = []
 
     def attack(phase: str, server_round: int, summary: dict) -> None:
         if not outsider:
-            outsider.append(_outsider_submits_to_ray(tmp_path / "pwned"))
+            outsider.append(_outsider_submits_to_ray(tmp / "pwned"))
 
-    # the server also scores each round's global model on a held-out set of its own
     run_id = simulate(
-        cfg, federated_phantom, tmp_path / "state", eval_data=federated_phantom / "site02", default_policy=TINY_DATA,
+        cfg, federated_phantom, tmp / "state", eval_data=federated_phantom / "site02", default_policy=TINY_DATA,
         on_round=attack,
     )  # fmt: skip
-    # someone else on the network who knows the simulation's Ray address cannot run code in it
-    assert "REFUSED" in outsider[0].stdout and "CONNECTED" not in outsider[0].stdout, outsider[0].stdout
-    assert not (tmp_path / "pwned").exists()
-    store = Store(f"sqlite:///{tmp_path / 'state' / 'fedecho.db'}")
+    ray_left = _ray_processes()
+    store = Store(f"sqlite:///{tmp / 'state' / 'fedecho.db'}")
+    compare = compare_runs(cfg, federated_phantom, tmp / "state", run_id)
+    return SimulatedRun(store, run_id, tmp / "state", outsider[0], tmp / "pwned", ray_left, compare)
+
+
+@pytest.mark.slow
+def test_an_outsider_cannot_run_code_in_the_simulations_ray(simulated: SimulatedRun) -> None:
+    """Someone else on the network who knows the simulation's Ray address cannot run code in it."""
+    assert "REFUSED" in simulated.outsider.stdout and "CONNECTED" not in simulated.outsider.stdout
+    assert not simulated.pwned.exists()
+
+
+@pytest.mark.slow
+def test_every_round_is_recorded_with_its_metrics(simulated: SimulatedRun) -> None:
+    store, run_id = simulated.store, simulated.run_id
     run = store.get_run(run_id)
     assert run.status == "finished" and run.mode == "simulation"
     assert [(r.phase, r.round, r.sites_replied) for r in store.rounds(run_id)] == [
@@ -317,19 +345,34 @@ def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Pa
     assert np.isfinite(store.rounds(run_id, "finetune")[0].server["server_ef_mae"])
     results = store.site_results(run_id)
     assert {r.site for r in results} == {"site01", "site02"} and all(r.status == "ok" for r in results)
-    train = [r for r in results if r.kind == "train"]
+    assert len(store.checkpoints(run_id)) == 3
+
+
+@pytest.mark.slow
+def test_frozen_fine_tuning_sends_back_only_fusion_and_heads(simulated: SimulatedRun) -> None:
+    train = [r for r in simulated.store.site_results(simulated.run_id) if r.kind == "train"]
     pre = next(r for r in train if r.phase == "pretrain")
     fine = next(r for r in train if r.phase == "finetune")
-    # frozen-encoder fine-tuning sends back only STF-Net and the heads
     assert fine.bytes_up < pre.bytes_up and fine.bytes_down > fine.bytes_up
-    assert len(store.checkpoints(run_id)) == 3
-    # the fine-tuned global model kept the federated pre-training's encoder
+
+
+@pytest.mark.slow
+def test_fine_tuning_keeps_the_federated_encoder(simulated: SimulatedRun) -> None:
+    store, run_id = simulated.store, simulated.run_id
     pre_last = load_file(next(c.path for c in store.checkpoints(run_id) if c.phase == "pretrain"))
     final = _final_model(store, run_id)
     torch.testing.assert_close(final["encoder.patch_embed.proj.weight"], pre_last["encoder.patch_embed.proj.weight"])
-    assert not _ray_processes()
-    # --compare: pooled and each site alone at equal compute, scored on every site's test split
-    results = compare_runs(cfg, federated_phantom, tmp_path / "state", run_id)
+
+
+@pytest.mark.slow
+def test_ray_is_gone_when_the_run_ends(simulated: SimulatedRun) -> None:
+    assert not simulated.ray_left
+
+
+@pytest.mark.slow
+def test_compare_scores_every_arm_on_every_sites_test_split(simulated: SimulatedRun) -> None:
+    """--compare: pooled and each site alone at equal compute, and the mean predictor, on every site's test split."""
+    results = simulated.compare
     assert set(results) == {"federated", "pooled", "local: site01", "local: site02", "mean predictor"}
     for per_site in results.values():
         assert {"site01", "site02", "all sites"} <= set(per_site) and np.isfinite(per_site["all sites"]["ef_mae"])
@@ -339,10 +382,9 @@ def test_simulated_run_records_every_round(federated_phantom: Path, tmp_path: Pa
     mae = sum(k * fed[s]["ef_mae"] for k, s in zip(n, ("site01", "site02"), strict=True)) / sum(n)
     assert fed["all sites"]["ef_mae"] == pytest.approx(mae) and fed["all sites"]["videos"] == sum(n)
     # the mean predictor predicts the pooled training mean: the floor a model has to clear, AUROC 0.5
-    assert results["mean predictor"]["all sites"]["ef_lt50_auroc"] in (0.5,) or np.isnan(
-        results["mean predictor"]["all sites"]["ef_lt50_auroc"]
-    )
-    png = tmp_path / "state" / f"compare-run-{run_id:04d}" / "compare.png"
+    auroc = results["mean predictor"]["all sites"]["ef_lt50_auroc"]
+    assert auroc == 0.5 or np.isnan(auroc)
+    png = simulated.state / f"compare-run-{simulated.run_id:04d}" / "compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
