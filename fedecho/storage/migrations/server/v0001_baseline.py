@@ -9,9 +9,8 @@ later revision.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
 
-from fedecho.storage.columns import append_only_ddl
+from fedecho.storage.migrations.baseline import create_missing, drop_all, id_column
 
 revision = "0001"
 down_revision = None
@@ -21,11 +20,7 @@ depends_on = None
 APPEND_ONLY = ("audit", "access_audit")
 
 
-def _id() -> sa.Column:
-    return sa.Column("id", sa.Integer, primary_key=True, autoincrement=True)
-
-
-def _run_id() -> sa.Column:
+def _runid_column() -> sa.Column:
     return sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True)
 
 
@@ -33,7 +28,7 @@ def tables() -> sa.MetaData:
     """The 0.1.0 schema (column types as stored: JSON as TEXT, unsigned 64-bit ids as BIGINT)."""
     meta = sa.MetaData()
     sa.Table(
-        "runs", meta, _id(),
+        "runs", meta, id_column(),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("mode", sa.String(32), nullable=False),
         sa.Column("status", sa.String(32), nullable=False),
@@ -44,14 +39,14 @@ def tables() -> sa.MetaData:
         sa.Column("updated", sa.Double, nullable=False),
     )  # fmt: skip
     sa.Table(
-        "phases", meta, _id(), _run_id(),
+        "phases", meta, id_column(), _runid_column(),
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("rounds", sa.Integer, nullable=False),
         sa.Column("status", sa.String(32), nullable=False),
         sa.UniqueConstraint("run_id", "name"),
     )  # fmt: skip
     sa.Table(
-        "rounds", meta, _id(), _run_id(),
+        "rounds", meta, id_column(), _runid_column(),
         sa.Column("phase", sa.String(64), nullable=False),
         sa.Column("round", sa.Integer, nullable=False),
         sa.Column("started", sa.Double, nullable=False),
@@ -64,7 +59,7 @@ def tables() -> sa.MetaData:
         sa.UniqueConstraint("run_id", "phase", "round"),
     )  # fmt: skip
     sa.Table(
-        "site_results", meta, _id(), _run_id(),
+        "site_results", meta, id_column(), _runid_column(),
         sa.Column("phase", sa.String(64), nullable=False),
         sa.Column("round", sa.Integer, nullable=False),
         sa.Column("site", sa.String(200), nullable=False),
@@ -79,7 +74,7 @@ def tables() -> sa.MetaData:
         sa.UniqueConstraint("run_id", "phase", "round", "site", "kind"),
     )  # fmt: skip
     sa.Table(
-        "checkpoints", meta, _id(), _run_id(),
+        "checkpoints", meta, id_column(), _runid_column(),
         sa.Column("phase", sa.String(64), nullable=False),
         sa.Column("round", sa.Integer, nullable=False),
         sa.Column("path", sa.Text, nullable=False),
@@ -96,7 +91,7 @@ def tables() -> sa.MetaData:
         sa.Column("last_seen", sa.Double, nullable=False),
     )  # fmt: skip
     sa.Table(
-        "events", meta, _id(),
+        "events", meta, id_column(),
         sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=True, index=True),
         sa.Column("site", sa.String(200), nullable=True),
         sa.Column("kind", sa.String(64), nullable=False),
@@ -104,7 +99,7 @@ def tables() -> sa.MetaData:
         sa.Column("created", sa.Double, nullable=False),
     )  # fmt: skip
     sa.Table(
-        "audit", meta, _id(),
+        "audit", meta, id_column(),
         sa.Column("run_id", sa.Integer, nullable=False, index=True),  # no foreign key: the log outlives the run
         sa.Column("phase", sa.String(64), nullable=False),
         sa.Column("round", sa.Integer, nullable=False),
@@ -119,7 +114,7 @@ def tables() -> sa.MetaData:
         sa.Column("created", sa.Double, nullable=False),
     )  # fmt: skip
     sa.Table(
-        "access_audit", meta, _id(),
+        "access_audit", meta, id_column(),
         sa.Column("source", sa.String(200), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("request", sa.Text, nullable=False),
@@ -131,13 +126,8 @@ def tables() -> sa.MetaData:
 
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    tables().create_all(bind, checkfirst=True)
-    for table in APPEND_ONLY:
-        for statement in append_only_ddl(table, bind.dialect.name):
-            op.execute(statement)
+    create_missing(tables(), APPEND_ONLY)
 
 
 def downgrade() -> None:
-    for table in reversed(tables().sorted_tables):
-        op.drop_table(table.name)
+    drop_all(tables())

@@ -9,9 +9,8 @@ spelled out here, frozen: a later change to the models is a later revision.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
 
-from fedecho.storage.columns import append_only_ddl
+from fedecho.storage.migrations.baseline import create_missing, drop_all, id_column
 
 revision = "0001"
 down_revision = None
@@ -21,15 +20,11 @@ depends_on = None
 APPEND_ONLY = ("site_audit",)
 
 
-def _id() -> sa.Column:
-    return sa.Column("id", sa.Integer, primary_key=True, autoincrement=True)
-
-
 def tables() -> sa.MetaData:
     """The 0.1.0 schema (column types as stored: JSON as TEXT, unsigned 64-bit ids as BIGINT)."""
     meta = sa.MetaData()
     sa.Table(
-        "files", meta, _id(),
+        "files", meta, id_column(),
         sa.Column("record_key", sa.String(32), nullable=True, unique=True),
         sa.Column("sha256", sa.String(64), nullable=True, index=True),
         sa.Column("path_hash", sa.String(64), nullable=False, index=True),
@@ -55,7 +50,7 @@ def tables() -> sa.MetaData:
         sa.Column("ingested", sa.Double, nullable=False),
     )  # fmt: skip
     sa.Table(
-        "site_audit", meta, _id(),
+        "site_audit", meta, id_column(),
         sa.Column("created", sa.Double, nullable=False),
         sa.Column("flower_run_id", sa.BigInteger, nullable=True),
         sa.Column("run_id", sa.Integer, nullable=True),
@@ -77,7 +72,7 @@ def tables() -> sa.MetaData:
         sa.Column("note", sa.Text, nullable=False),
     )  # fmt: skip
     sa.Table(
-        "privacy_ledger", meta, _id(),
+        "privacy_ledger", meta, id_column(),
         sa.Column("run", sa.String(200), nullable=False),
         sa.Column("phase", sa.String(64), nullable=False),
         sa.Column("round", sa.Integer, nullable=False),
@@ -93,13 +88,8 @@ def tables() -> sa.MetaData:
 
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    tables().create_all(bind, checkfirst=True)
-    for table in APPEND_ONLY:
-        for statement in append_only_ddl(table, bind.dialect.name):
-            op.execute(statement)
+    create_missing(tables(), APPEND_ONLY)
 
 
 def downgrade() -> None:
-    for table in reversed(tables().sorted_tables):
-        op.drop_table(table.name)
+    drop_all(tables())
