@@ -84,6 +84,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/finetune_step.py
 	$(BIN)/python bench/dp_step.py
 	$(BIN)/python bench/data_loader.py
+	$(BIN)/python bench/ddp_step.py --device cpu --devices 1,2 --model echo_vit_tiny --batch 8 --steps 6
 	$(BIN)/python bench/dicom_ingest.py
 	$(BIN)/python bench/federation.py
 	$(BIN)/python bench/federated_accuracy.py --seeds 0,1

@@ -8,8 +8,10 @@
 # the others run as they are and pick CUDA themselves where they train through fedecho.train
 # (pick_device: cuda when available). Every script writes its JSON to RESULTS_DIR, so the CPU figures
 # in bench/results/ stay as they are. At the end bench/summary.py gathers their table rows into
-# RESULTS_DIR/latest.json and prints the markdown table. A failing script is reported and the others
-# still run; the exit status is non-zero if any failed.
+# RESULTS_DIR/latest.json and prints the markdown table. Where several GPUs are visible it also takes the
+# data-parallel step-time ratio (bench/ddp_step.py), and it runs a 2-site `fedecho sim` whose virtual sites
+# train on the GPU. A failing script is reported and the others still run; the exit status is non-zero if any
+# failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -34,7 +36,7 @@ for script in bench/phantom_learnability.py bench/local_training.py bench/dp_ste
         continue
     fi
     args=(--out "$OUT/$name.json")
-    # scale.py: the simulation's virtual sites run on CPU (Ray gives them no GPU)
+    # scale.py measures the simulation's overhead on the CPU; the GPU simulation is the 2-site run below
     if [ "$name" != scale ] && grep -q -- "--device" <<<"$help"; then
         args+=(--device cuda)
     fi
@@ -43,6 +45,40 @@ for script in bench/phantom_learnability.py bench/local_training.py bench/dp_ste
         failed+=("$script")
     fi
 done
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+    # data-parallel pre-training: step time on 1 GPU against all of them, at the same global batch
+    echo "== bench/ddp_step.py --device cuda --out $OUT/ddp_step.json ($gpus GPUs)"
+    if ! "$PY" bench/ddp_step.py --device cuda --out "$OUT/ddp_step.json"; then
+        failed+=(bench/ddp_step.py)
+    fi
+else
+    echo "== bench/ddp_step.py: skipped (one GPU: no data-parallel ratio to take)"
+fi
+
+# A 2-site simulation whose virtual sites train on the GPU (half of it each); nvidia-smi lists the processes
+# that held GPU memory meanwhile, so the log shows the sites were there, not on the CPU.
+echo "== fedecho sim --config configs/quickstart.toml --sites 2 --gpus-per-site 0.5"
+rm -rf "$OUT/sim-gpu"
+apps="$OUT/sim-gpu-apps.csv"
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader -l 1 >"$apps" 2>/dev/null &
+watch=$!
+start=$(date +%s)
+if "$(dirname "$PY")/fedecho" sim --config configs/quickstart.toml --sites 2 --videos 80 --state "$OUT/sim-gpu" \
+    --gpus-per-site 0.5 >"$OUT/sim-gpu.log" 2>&1; then
+    status=0
+else
+    status=$?
+    failed+=("fedecho sim on the GPU (see $OUT/sim-gpu.log)")
+fi
+kill "$watch" 2>/dev/null
+seconds=$(($(date +%s) - start))
+pids=$(cut -d, -f1 "$apps" 2>/dev/null | sort -u | grep -c . || true)
+echo "fedecho sim on the GPU: exit $status in ${seconds} s; $pids process(es) held GPU memory (nvidia-smi)"
+tail -n 25 "$OUT/sim-gpu.log"
+printf '{"exit": %s, "seconds": %s, "gpu_processes": %s, "sites": 2, "gpus_per_site": 0.5}\n' \
+    "$status" "$seconds" "$pids" >"$OUT/sim_gpu.json"
+
 echo "== bench/summary.py --results $OUT"
 if ! "$PY" bench/summary.py --results "$OUT"; then
     failed+=(bench/summary.py)

@@ -22,8 +22,9 @@ import torch
 
 # The order of the table: the benchmark targets' groups, then the local-training science checks.
 ORDER = [
-    "mae_step", "finetune_step", "dp_step", "data_loader", "dicom_ingest", "federation", "federation_recommended",
-    "federated_accuracy", "scale", "local_training", "local_training_few_labels", "phantom_learnability",
+    "mae_step", "finetune_step", "dp_step", "ddp_step", "data_loader", "dicom_ingest", "federation",
+    "federation_recommended", "federated_accuracy", "scale", "local_training", "local_training_few_labels",
+    "phantom_learnability",
 ]  # fmt: skip
 
 

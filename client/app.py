@@ -48,6 +48,7 @@ def site_from_node_config(context: Context) -> Site:
         state=Path(s.state),
         labels=str(s.labels or ""),
         device=None if device in ("", "auto") else device,
+        devices=s.devices,
         policy=s.policy,
         privacy=s.privacy,
     )

@@ -3,7 +3,7 @@
 Read by `fedecho client start` (to start the SuperNode), by the ClientApp (which finds this file through the
 node config key `site-config`), by its runner (`fedecho.client.runtime`) and by `fedecho audit --site`, all
 through `load_site_config`. The file has exactly the tables in SITE_TABLES: [site] (data, cache, state folder,
-threads, device), [superlink], [supernode], [policy] (`fedecho.client.policy`) and [privacy]
+threads, device, devices), [superlink], [supernode], [policy] (`fedecho.client.policy`) and [privacy]
 (`fedecho.privacy.dp_policy`). Any other table, or a field a table does not have, is an error naming the
 closest known name: a misspelt `[privcy]` must not leave a site training without the DP it asked for.
 Relative paths are taken from the file's folder.
@@ -41,6 +41,7 @@ class SiteConfig(StateFolder):
     state: Path
     threads: int
     device: str
+    devices: int  # data-parallel training over this many devices of `device` (fedecho.train.parallel)
     superlink: str  # host:port of the SuperLink
     ca: Path | None
     private_key: Path | None
@@ -83,6 +84,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         state=site.location("state"),
         threads=site.integer("threads", 2, minimum=1),
         device=site.choice("device", DEVICES, "auto"),
+        devices=site.integer("devices", 1, minimum=1),
         superlink=superlink,
         ca=link.optional_location("ca"),
         private_key=link.optional_location("private_key"),
@@ -93,11 +95,26 @@ def load_site_config(path: str | Path) -> SiteConfig:
         privacy=parse_privacy(raw, path),
         raw=raw,
     )
+    if cfg.devices > 1:
+        _check_devices(cfg, site)
     if cfg.supernode_port > 65535:
         raise node.error("port", f"must be at most 65535, not {cfg.supernode_port}")
     for table in (site, link, node):
         table.finish()
     return cfg
+
+
+def _check_devices(cfg: SiteConfig, site: Table) -> None:
+    """[site] devices > 1 must be granted here: GPUs when the device is (or defaults to) CUDA, else CPU processes
+    whose threads are [site] threads split over them."""
+    import torch
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and cfg.devices > torch.cuda.device_count():
+        raise site.error("devices", f"is {cfg.devices} but {torch.cuda.device_count()} CUDA device(s) are visible")
+    if not cuda and cfg.devices > cfg.threads:
+        threads = cfg.threads
+        raise site.error("devices", f"is {cfg.devices} CPU processes but [site] threads = {threads}: each needs one")
 
 
 @dataclass(frozen=True)
@@ -212,6 +229,9 @@ def settings_in_force(cfg: SiteConfig) -> list[str]:
         f"every metric{patients}"
     )
     lines.append(f"code approval: {_approvals(cfg)}")
+    where = cfg.device if cfg.device != "auto" else "cuda when available, else cpu"
+    spread = f", data-parallel over {cfg.devices} devices" if cfg.devices > 1 else ""
+    lines.append(f"training: {where}{spread}; {cfg.threads} CPU threads{_origin(cfg, 'site', 'threads')}")
     return lines
 
 

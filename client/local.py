@@ -5,13 +5,16 @@ for the round's local epochs or steps with the round's learning rate, and return
 (local - received) for the exchanged tensors only. `site_evaluate` scores the received model on
 the site's validation split. Both count the videos (and patients) behind what they would send against the
 site's policy, and reserve a DP round's privacy cost, from the data index before any video is decoded.
-Nothing here knows about Flower: `client.app` wraps it in messages.
+The local steps run through `fedecho.train.job.TrainingJob`, over the site's `devices` (data-parallel, the run
+file's batch being the global batch) or in this process on one. Nothing here knows about Flower: `client.app`
+wraps it in messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -25,7 +28,7 @@ from fedecho.fl.protocol import MissingFrozen, build_model
 from fedecho.models import EchoVisionFM
 from fedecho.models.checkpoint import load_state
 from fedecho.privacy.dp_policy import kept_units, plan_round
-from fedecho.train import Trainer, evaluate, make_datasets, make_loader, pick_device, pretrain_loss
+from fedecho.train import Trainer, TrainingJob, evaluate, make_datasets, pick_device, pretrain_loss
 
 
 def load_received(
@@ -51,6 +54,36 @@ def site_datasets(
     local = cfg.local.with_data(cache=str(site.cache), **({"labels": site.labels} if site.labels else {}))
     tasks = tuple(cfg.phase("finetune").tasks) if phase == "finetune" else ()
     return make_datasets(local, model, tasks, site.data, seed, site.partition)
+
+
+@dataclass
+class RoundMethods:
+    """What the federated method adds to the site's local steps, set up on every rank before the first: the
+    optimiser's kept moments, SCAFFOLD's drift correction (`corrections`: c - c_i per tensor), FedProx's proximal
+    term (`mu`, towards the received tensors `anchors`)."""
+
+    lr: float
+    optimizer_state: dict[Any, Any] = field(default_factory=dict)
+    corrections: dict[str, torch.Tensor] = field(default_factory=dict)
+    mu: float = 0.0
+    anchors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, trainer: Trainer) -> None:
+        if self.optimizer_state:  # the moments only: this round's learning rate stays
+            state = trainer.optimizer.state_dict()
+            state["state"] = self.optimizer_state
+            trainer.optimizer.load_state_dict(state)
+        params = dict(trainer.model.named_parameters())
+        if self.corrections:
+            pairs = [(params[k], c.to(trainer.device)) for k, c in self.corrections.items()]
+            trainer.after_step = lambda: scaffold_correct(pairs, self.lr)
+        if self.mu > 0:
+            anchors = [
+                (params[k], v.to(trainer.device)) for k, v in self.anchors.items()
+                if k in params and params[k].requires_grad
+            ]  # fmt: skip
+            mu = self.mu
+            trainer.regularizer = lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)  # type: ignore[return-value]
 
 
 class TrainResult(NamedTuple):
@@ -107,65 +140,51 @@ def site_train(
     lr = float(options["lr"])
     # The round's learning rate comes from the server's schedule over rounds: constant within a round.
     round_cfg = dataclasses.replace(pcfg, lr=lr, min_lr=lr, warmup_epochs=0.0, seed=seed, epochs=max(1, pcfg.epochs))
-    steps_per_epoch = (len(train) + pcfg.batch_size - 1) // pcfg.batch_size
-    trainer = Trainer(model, phase, round_cfg, steps_per_epoch, pick_device(site.device))  # type: ignore[arg-type]
     keys = exchanged_keys(model, phase, pcfg.freeze_encoder)
-    start = {k: received[k].to(trainer.device) for k in keys}
-    carry = carried = None
+    carry = None
+    carried: dict[str, Any] = {}
     if pcfg.scaffold or pcfg.keep_optimizer:
         carry = SiteCarry(site.state / "carry", run_key(options.get("run-id", "?"), cfg.text), phase)
         carried = carry.load(server_round)
-    if pcfg.keep_optimizer and "optimizer" in carried:  # the moments only: this round's learning rate stays
-        state = trainer.optimizer.state_dict()
-        state["state"] = carried["optimizer"]
-        trainer.optimizer.load_state_dict(state)
+    methods = RoundMethods(lr, carried.get("optimizer", {}) if pcfg.keep_optimizer else {})
     own: dict[str, torch.Tensor] = {}
-    params = dict(model.named_parameters())
     if pcfg.scaffold:
         if control is None:
             raise ValueError(f"site {site.name}: the phase uses SCAFFOLD but the message has no control variate")
-        ckeys = control_keys(model, keys)
-        own = {k: carried.get("control", {}).get(k, torch.zeros_like(control[k])) for k in ckeys}
-        pairs = [(params[k], (control[k] - own[k]).to(trainer.device)) for k in ckeys]
-        trainer.after_step = lambda: scaffold_correct(pairs, lr)
-    mu = float(options.get("proximal-mu", 0.0))
-    if mu > 0:
-        anchors = [(params[k], v) for k, v in start.items() if k in params and params[k].requires_grad]
-        trainer.regularizer = lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)  # type: ignore[return-value]
-    losses, steps, examples = [], 0, 0
-    budget = pcfg.steps or None
-    epoch = 0
-    private: dict[str, float] = {}
+        own = {k: carried.get("control", {}).get(k, torch.zeros_like(control[k])) for k in control_keys(model, keys)}
+        methods.corrections = {k: control[k] - own[k] for k in own}
+    methods.mu = float(options.get("proximal-mu", 0.0))
+    if methods.mu > 0:
+        methods.anchors = {k: received[k] for k in keys}
+    dp_seed = 0
     if plan is not None:
-        from fedecho.train.dp import train_private_round
+        from fedecho.train.dp import secret_seed
 
-        res, private = train_private_round(
-            trainer, train, plan, site.state, run=run, phase=phase, server_round=server_round,
-            epsilon_max=site.privacy.epsilon_max, workers=cfg.local.data.num_workers, entry=entry,
-        )  # fmt: skip
-        losses, steps, examples = [res.loss * res.steps], res.steps, res.examples
-    while plan is None and ((budget is None and epoch < pcfg.epochs) or (budget is not None and steps < budget)):
-        loader = make_loader(train, pcfg.batch_size, True, seed, epoch, cfg.local.data.num_workers)
-        res = trainer.train_epoch(loader, max_steps=None if budget is None else budget - steps)
-        losses.append(res.loss * res.steps)
-        steps, examples, epoch = steps + res.steps, examples + res.examples, epoch + 1
-    state = model.state_dict()
-    update = {k: (state[k].detach().float() - start[k]).cpu() for k in keys}
+        dp_seed = secret_seed()  # drawn here, the same on every device: never the run's seed
+    job = TrainingJob(
+        model, phase, round_cfg, train, seed, cfg.local.data.num_workers, site.device, steps=pcfg.steps,  # type: ignore[arg-type]
+        plan=plan, dp_seed=dp_seed, setup=methods,
+    )  # fmt: skip
+    result = job.run(site.devices)
+    private: dict[str, float] = {}
+    if plan is not None and entry is not None:
+        from fedecho.train.dp import spend_round
+
+        private = spend_round(site.state, entry, plan)
+    state = result.state
+    update = {k: state[k].float() - received[k].float().cpu() for k in keys}
     change = None
     if pcfg.scaffold:
         assert control is not None
-        end = {k: state[k].detach().float().cpu() for k in own}
-        change = control_change({k: start[k].cpu() for k in own}, end, control, trainer.updates, lr)
+        end = {k: state[k].float() for k in own}
+        change = control_change({k: received[k].float().cpu() for k in own}, end, control, result.updates, lr)
         own = {k: own[k] + change[k] for k in own}
     if carry is not None:
-        carry.save(server_round, {
-            "control": own,
-            "optimizer": trainer.optimizer.state_dict()["state"] if pcfg.keep_optimizer else {},
-        })  # fmt: skip
+        carry.save(server_round, {"control": own, "optimizer": result.optimizer if pcfg.keep_optimizer else {}})
     metrics = {
         "num-examples": float(len(train)),
-        "train_loss": sum(losses) / max(steps, 1),
-        "steps": float(steps),
+        "train_loss": result.loss,
+        "steps": float(result.steps),
         "seconds": time.time() - t0,
         **private,
     }

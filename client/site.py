@@ -49,6 +49,7 @@ class Site:
     state: Path
     labels: str = ""
     device: str | None = None
+    devices: int = 1  # data-parallel training over this many devices (`fedecho.train.parallel`)
     partition: tuple[int, int] | None = None  # simulation: the k-th of n virtual hospitals of one dataset
     policy: SitePolicy | None = None  # [policy] of site.toml; None: the default policy (fedecho.client.policy)
     privacy: PrivacyPolicy = DEFAULT_PRIVACY  # [privacy] of site.toml: DP-SGD, budget, delta (fedecho.privacy)

@@ -18,6 +18,10 @@ CONFIG = typer.Option(
 )
 DATA = typer.Option(None, "--data", help="Data folder (overrides [data] root).")
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+DEVICES = typer.Option(
+    1, "--devices", min=1,
+    help="Data-parallel over this many GPUs (or CPU processes with --device cpu); the batch size is the global batch.",
+)  # fmt: skip
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -30,7 +34,14 @@ def _out(out: Path | None, config: Path, phase: str) -> Path:
 
 
 def _run(
-    phase: str, config: Path, data: Path | None, out: Path | None, resume: bool, init: Path | None, device: str | None
+    phase: str,
+    config: Path,
+    data: Path | None,
+    out: Path | None,
+    resume: bool,
+    init: Path | None,
+    device: str | None,
+    devices: int = 1,
 ) -> None:
     from fedecho.data import SourceError
     from fedecho.models import CheckpointError
@@ -40,7 +51,7 @@ def _run(
     try:
         cfg = load_run_config(config)
         folder = _out(out, config, phase)
-        last = train_phase(cfg, phase, folder, data=data, resume=resume, init=init, device=device)  # type: ignore[arg-type]
+        last = train_phase(cfg, phase, folder, data, resume, init, device, devices=devices)  # type: ignore[arg-type]
     except (ConfigError, SourceError, CheckpointError, ValueError) as e:
         raise _fail(e) from e
     Console().print(f"[green]done[/]: {folder}/model.safetensors; metrics in {folder}/metrics.jsonl")
@@ -64,12 +75,13 @@ def pretrain(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default runs/<config>/pretrain)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last epoch."),
     device: str | None = DEVICE,
+    devices: int = DEVICES,
 ) -> None:
     """Masked-autoencoder (VideoMAE) pre-training with the [pretrain] settings.
 
     Example: fedecho train pretrain --config configs/phantom_tiny.toml --out runs/tiny/pretrain
     """
-    _run("pretrain", config, data, out, resume, None, device)
+    _run("pretrain", config, data, out, resume, None, device, devices)
 
 
 @app.command()
@@ -80,12 +92,13 @@ def finetune(
     init: Path | None = typer.Option(None, "--init", help="Pre-trained checkpoint whose encoder to start from."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last epoch."),
     device: str | None = DEVICE,
+    devices: int = DEVICES,
 ) -> None:
     """Fine-tune encoder (or probe it frozen) with STF-Net or max-pool fusion and task heads.
 
     Example: fedecho train finetune --config configs/phantom_tiny.toml --init runs/tiny/pretrain/model.safetensors
     """
-    _run("finetune", config, data, out, resume, init, device)
+    _run("finetune", config, data, out, resume, init, device, devices)
 
 
 @app.command("evaluate")

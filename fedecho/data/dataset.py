@@ -117,6 +117,10 @@ class EchoVideoDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         """(clip, info): info holds the float targets and "frame_index", the sampled frames."""
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> Item:
+        """Item `index` as epoch `epoch` draws it: a loader worker that lives across epochs asks for its epoch."""
         record = self.records[index]
         frames = self.frames(index)
         n = len(frames)
@@ -124,7 +128,7 @@ class EchoVideoDataset(Dataset[Item]):
         if self.test_time:
             video, info["frame_index"] = test_time_clips(frames, self.sampler, self.max_clips, self.mean, self.std)
             return video, info
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         idx = self.sampler.indices(n, self.sampler.random_clip(n, rng))
         clip = clip_tensor(frames, idx)
         if self.augment is not None:

@@ -31,7 +31,9 @@ class DataSection:
     max_test_clips: int = 8  # test-time averaging: at most this many clips per video (0: all)
     label_fraction: float = 1.0  # fine-tune on this fraction of the labelled training videos
     augment: bool = True
-    num_workers: int = 0
+    # DataLoader worker processes per training process; "auto": from the CPU cores it was granted and whether it
+    # trains on a GPU (`fedecho.train.loader.auto_workers`)
+    num_workers: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -89,8 +91,19 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, not {value!r}")
         return value
-    if isinstance(annotation, types.UnionType):
-        hint = tuple(typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType) or hint is typing.Union:
+        args = typing.get_args(annotation)
+        words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        others = [a for a in args if typing.get_origin(a) is not Literal]
+        if words and value in words:
+            return value
+        if words and len(others) == 1:  # a number or a word ("auto"): say both in the error
+            try:
+                return _check_type(value, others[0], where)
+            except ConfigError as e:
+                choices = " or ".join(map(repr, words))
+                raise ConfigError(f"{str(e).split(', not ')[0]} or {choices}, not {value!r}") from None
+        hint = tuple(args)
     if annotation is float or hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, not {value!r}")

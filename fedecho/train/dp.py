@@ -15,25 +15,29 @@ loader to an unchanged `Trainer`.
 Sampling and noise draw from the operating system's entropy, never from the run's seed: the server
 knows that seed, and noise it could regenerate would protect nothing (so DP rounds are not bitwise
 reproducible).
+
+On several devices (`fedecho.train.parallel`) every rank draws the same Poisson batches from one secret seed the
+site drew, and trains on its share of the sampled units (a unit's videos stay on one rank); each rank clips its
+units' gradients, rank 0 alone adds the noise, and Opacus' distributed optimizer sums and averages them: the
+step is the one-device step on the global batch, so the ledger accounts the global batch and sample rate.
 """
 
 from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
 
 from fedecho.privacy.dp_policy import DPPlan, PrivacyRefused
-from fedecho.train.engine import Trainer
+from fedecho.train.engine import EpochResult, Trainer
+from fedecho.train.loader import GlobalBatch, TrainBatches
 
 # The tubelet embedding's input (the video) needs no gradient; Opacus' hooks still see its output's: harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to")
@@ -54,51 +58,29 @@ def check_private_model(model: nn.Module) -> None:
         )  # fmt: skip
 
 
-def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """Unpredictable seed; on the device its draws are made on (Opacus draws the noise on the
-    parameters' device, and a CPU generator cannot draw CUDA tensors)."""
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+def secret_seed() -> int:
+    """A seed from the operating system's entropy, for a round's sampling and noise (never the run's seed)."""
+    return secrets.randbits(62)
 
 
-class _Indexed(Dataset):
-    """The training set with each item's index in its info (to map videos to privacy units)."""
+def poisson(plan: DPPlan, seed: int) -> Callable[[int], list[GlobalBatch]]:
+    """`plan.steps` global batches, each unit in with probability q independently (Opacus' analysis assumes this);
+    a batch is its sampled units, so a unit's videos go to one rank together."""
 
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
+    def draw(epoch: int) -> list[GlobalBatch]:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        n = len(plan.units)
+        batches: list[GlobalBatch] = []
+        for _ in range(plan.steps):
+            chosen = torch.nonzero(torch.rand(n, generator=gen) < plan.sample_rate).flatten().tolist()
+            batches.append([plan.units[u] for u in chosen])
+        return batches
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        video, info = self.dataset[i]
-        return video, {**info, "dp_index": i}
-
-
-def _collate(batch: list[Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    if not batch:  # Poisson sampling drew nobody: the step still happens (noise only)
-        return torch.zeros(0), {}
-    return default_collate(batch)  # type: ignore[no-any-return]
+    return draw
 
 
-class PoissonBatches:
-    """`steps` batches, each unit in with probability q independently (Opacus' analysis assumes this)."""
-
-    def __init__(self, dataset: Any, plan: DPPlan, workers: int = 0):
-        self.plan, self.gen = plan, _secret_generator()
-        self.loader = DataLoader(_Indexed(dataset), batch_sampler=self, collate_fn=_collate, num_workers=workers)
-
-    def __len__(self) -> int:
-        return self.plan.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        n = len(self.plan.units)
-        for _ in range(self.plan.steps):
-            chosen = torch.nonzero(torch.rand(n, generator=self.gen) < self.plan.sample_rate).flatten().tolist()
-            yield [i for u in chosen for i in self.plan.units[u]]
-
-
-class _UnitDPOptimizer(DPOptimizer):
-    """DPOptimizer whose per-sample gradients are first averaged per privacy unit (patient-level DP)."""
+class _PerUnit:
+    """Per-sample gradients first averaged per privacy unit (patient-level DP), before Opacus clips them."""
 
     unit_of: torch.Tensor | None = None  # training-set index -> unit number (None: a unit is a video)
     batch_index: torch.Tensor | None = None  # training-set indices of the current batch
@@ -112,7 +94,15 @@ class _UnitDPOptimizer(DPOptimizer):
                 u = units.to(g.device)
                 per_unit = g.new_zeros((len(counts), *g.shape[1:])).index_add_(0, u, g)
                 p.grad_sample = per_unit / counts.to(g.device).view(-1, *([1] * (g.ndim - 1)))
-        super().clip_and_accumulate()
+        super().clip_and_accumulate()  # type: ignore[misc]
+
+
+class _UnitDPOptimizer(_PerUnit, DPOptimizer):  # type: ignore[misc]
+    """One device."""
+
+
+class _DistributedUnitDPOptimizer(_PerUnit, DistributedDPOptimizer):  # type: ignore[misc]
+    """Several devices: each rank clips its units, rank 0 adds the noise, the sum is averaged over the ranks."""
 
 
 class PrivateTraining:
@@ -125,23 +115,29 @@ class PrivateTraining:
     layer and a bare parameter belongs to no layer.
     """
 
-    def __init__(self, trainer: Trainer, plan: DPPlan):
+    def __init__(self, trainer: Trainer, plan: DPPlan, seed: int | None = None):
+        """seed: the round's secret seed for sampling and noise (the same on every rank; default: drawn here)."""
         if trainer.cfg.accumulate != 1:
             raise PrivacyRefused("DP-SGD does not combine with gradient accumulation (set accumulate = 1)")
         check_private_model(trainer.model)
         self.trainer, self.plan = trainer, plan
+        self.seed = secret_seed() if seed is None else seed
         model = trainer.model
         decoder = getattr(model, "decoder", None)
         if decoder is not None and isinstance(getattr(decoder, "mask_token", None), nn.Parameter):
             decoder.mask_token.requires_grad_(False)
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        self.optimizer = _UnitDPOptimizer(
+        world = trainer.group.world
+        optimizer = _DistributedUnitDPOptimizer if trainer.group.distributed else _UnitDPOptimizer
+        # The noise is drawn on the parameters' device (a CPU generator cannot draw CUDA tensors).
+        noise = torch.Generator(device=trainer.device).manual_seed(self.seed + 1)
+        self.optimizer = optimizer(
             trainer.optimizer,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=plan.batch_size,
+            expected_batch_size=plan.batch_size / world,  # each rank's share; the sum is averaged over the ranks
             loss_reduction="mean",
-            generator=_secret_generator(trainer.device),
+            generator=noise,
         )
         if plan.unit == "patient":
             unit_of = torch.empty(sum(len(u) for u in plan.units), dtype=torch.long)
@@ -150,14 +146,19 @@ class PrivateTraining:
             self.optimizer.unit_of = unit_of
         self._saved: dict[str, Any] = {}
 
-    def loader(self, dataset: Any, workers: int = 0) -> DataLoader:
-        """The round's Poisson-sampled batches (exactly plan.steps of them, some possibly empty)."""
-        dataset.set_epoch(0)
-        return PoissonBatches(dataset, self.plan, workers).loader
+    def loader(self, dataset: Any, workers: int = 0) -> Any:
+        """The round's Poisson-sampled batches, this rank's share of each (exactly plan.steps, some possibly empty)."""
+        t = self.trainer
+        batches = TrainBatches(
+            dataset, poisson(self.plan, self.seed), self.plan.steps, group=t.group, workers=workers,
+            pin_memory=t.device.type == "cuda", pad=False,
+        )  # fmt: skip
+        return batches.epoch(0)
 
     def __enter__(self) -> PrivateTraining:
         t = self.trainer
         self._saved = {"optimizer": t.optimizer, "regularizer": t.regularizer, "empty_batch": t.empty_batch}
+        t.private = True
         regularizer = t.regularizer
         if regularizer is not None:
             self.optimizer.attach_step_hook(_add_regularizer(regularizer))
@@ -165,7 +166,7 @@ class PrivateTraining:
         original_loss = t.loss
 
         def loss(video: torch.Tensor, info: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-            self.optimizer.batch_index = info.get("dp_index")
+            self.optimizer.batch_index = info.get("dataset_index")
             return original_loss(video, info, generator)
 
         t.loss = loss  # type: ignore[method-assign]
@@ -183,6 +184,7 @@ class PrivateTraining:
             self._saved["optimizer"], self._saved["regularizer"], self._saved["empty_batch"],
         )  # fmt: skip
         del t.loss  # back to the class's method
+        t.private = False
         self.gsm.cleanup()  # hooks off, Opacus' attributes gone: the model is a plain model again
         for p in t.model.parameters():
             if hasattr(p, "summed_grad"):
@@ -218,39 +220,25 @@ def reserve_round(
     return entry
 
 
-def train_private_round(
-    trainer: Trainer,
-    dataset: Any,
-    plan: DPPlan,
-    state: Any,
-    *,
-    run: str,
-    phase: str,
-    server_round: int,
-    epsilon_max: float,
-    workers: int = 0,
-    entry: int | None = None,
-) -> tuple[Any, dict[str, float]]:
-    """One round of DP-SGD, reserved in the site's ledger before it trains (`entry`: already reserved by
-    `reserve_round`); returns (EpochResult, metrics).
+def private_epoch(trainer: Trainer, dataset: Any, plan: DPPlan, seed: int, workers: int = 0) -> EpochResult:
+    """The round's DP-SGD steps (every rank of a data-parallel group runs them with the same secret seed)."""
+    with PrivateTraining(trainer, plan, seed) as private:
+        return trainer.train_epoch(private.loader(dataset, workers))
 
-    Metrics: the site's total epsilon at its delta after this round (all rounds, runs and restarts), the
-    delta, the noise, sample rate and steps used, and whether that epsilon holds per patient: the server
-    stores them per site.
-    """
+
+def spend_round(state: Any, entry: int, plan: DPPlan) -> dict[str, float]:
+    """Mark a reserved round spent once it trained (`reserve_round` reserved it before any video was decoded).
+
+    Returns what the server stores per site: the site's total epsilon at its delta after this round (all rounds,
+    runs and restarts), the delta, the noise, sample rate and steps used, and whether that epsilon holds per
+    patient."""
     from fedecho.privacy.ledger import PrivacyLedger
 
-    if entry is None:
-        entry = reserve_round(
-            trainer.model, plan, state, run=run, phase=phase, server_round=server_round, epsilon_max=epsilon_max
-        )
     with PrivacyLedger(state) as ledger:
-        with PrivateTraining(trainer, plan) as private:
-            result = trainer.train_epoch(private.loader(dataset, workers))
         ledger.spend(entry)
         epsilon = ledger.epsilon(plan.delta)
         per_patient = ledger.per_patient()
-    metrics = {
+    return {
         "epsilon": epsilon,
         "delta": plan.delta,
         "dp_noise_multiplier": plan.noise_multiplier,
@@ -258,13 +246,15 @@ def train_private_round(
         "dp_steps": float(plan.steps),
         "dp_per_patient": float(per_patient),
     }
-    return result, metrics
 
 
 __all__ = [
     "PrivateTraining",
     "batchnorm_layers",
     "check_private_model",
+    "poisson",
+    "private_epoch",
     "reserve_round",
-    "train_private_round",
+    "secret_seed",
+    "spend_round",
 ]

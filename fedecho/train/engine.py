@@ -2,7 +2,9 @@
 
 `Trainer` owns the optimisation state (AdamW from timm's factory, warm-up + cosine schedule from
 timm, gradient accumulation, bf16 autocast on CUDA and fp32 on CPU) and runs whole epochs;
-the federated ClientApp calls the same `Trainer.train_epoch` and `evaluate` unchanged.
+the federated ClientApp calls the same `Trainer.train_epoch` and `evaluate` unchanged. On several
+devices (`fedecho.train.parallel`) each rank's Trainer steps on its share of every global batch
+through DistributedDataParallel, and the step is the one device's step on the global batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 from torch.utils.data import DataLoader
 
 from fedecho.data import EchoVideoDataset
@@ -26,6 +29,7 @@ from fedecho.device import autocast, pick_device, synchronize
 from fedecho.models import EchoVisionFM, get_task
 from fedecho.train.config import PhaseSection
 from fedecho.train.metrics import reduced_ef_auroc, task_metrics
+from fedecho.train.parallel import SINGLE, Group
 
 Phase = Literal["pretrain", "finetune"]
 
@@ -60,6 +64,22 @@ class EpochResult:
     lr: float
 
 
+class _TrainingForward(nn.Module):
+    """The model's training forward as one module's forward: what DistributedDataParallel wraps, so that it
+    sees every step of pre-training (`forward_pretrain`) as of fine-tuning."""
+
+    def __init__(self, model: EchoVisionFM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, video: torch.Tensor, extra: torch.Tensor, pretrain: bool) -> Any:
+        return self.model.forward_pretrain(video, extra)[0] if pretrain else self.model(video, extra)
+
+
+def _batchnorm_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class Trainer:
     def __init__(
         self,
@@ -68,9 +88,17 @@ class Trainer:
         cfg: PhaseSection,
         steps_per_epoch: int,
         device: torch.device | None = None,
+        group: Group = SINGLE,
     ):
-        self.model, self.phase, self.cfg = model, phase, cfg
-        self.device = device or pick_device()
+        self.model, self.phase, self.cfg, self.group = model, phase, cfg, group
+        self.device = device or (torch.device(group.device) if group.distributed else pick_device())
+        if group.distributed and _batchnorm_layers(model):
+            if self.device.type != "cuda":  # SyncBatchNorm runs on GPUs only
+                raise ValueError(
+                    "data-parallel training on CPUs cannot share BatchNorm statistics between devices "
+                    f'({_batchnorm_layers(model)[0]}): set [model] stf_norm = "group" in the run file'
+                )
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the global batch's statistics, as on one device
         self.model.to(self.device)
         set_trainable(model, phase, cfg.freeze_encoder)
         self.tasks = [get_task(t) for t in cfg.tasks] if phase == "finetune" else []
@@ -113,18 +141,41 @@ class Trainer:
         # What a step on an empty batch does (DP-SGD's Poisson sampling can draw none: the noisy step still
         # happens, `fedecho.train.dp`); None: an empty batch is an error.
         self.empty_batch: Callable[[], None] | None = None
+        # DP-SGD (`fedecho.train.dp`): Opacus' optimizer averages the ranks' clipped, noised gradients, not DDP.
+        self.private = False
+        self._plain = _TrainingForward(model)
+        self._ddp: nn.Module | None = None
+
+    def _forward(self) -> nn.Module:
+        if not self.group.distributed or self.private:
+            return self._plain
+        if self._ddp is None:  # built at the first step: every rank starts from rank 0's parameters
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self._plain, device_ids=ids)
+        return self._ddp
+
+    def masks(self, info: dict[str, torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
+        """This share's masks: the global batch's, drawn as one device draws them, at the share's positions."""
+        if "batch_total" not in info:  # a plain loader: the batch is the global batch
+            return self.model.make_mask(n, generator)
+        mask = self.model.make_mask(int(info["batch_total"][0]), generator)
+        return mask[info["batch_position"].clamp(min=0)] if n else mask[:0]
 
     def loss(self, video: torch.Tensor, info: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         if self.phase == "pretrain":
-            mask = self.model.make_mask(video.shape[0], generator).to(self.device)
-            loss, _, _ = self.model.forward_pretrain(video, mask)
-            return loss
-        out = self.model(video, info["frame_index"].to(self.device))
+            mask = self.masks(info, video.shape[0], generator).to(self.device)
+            return self._forward()(video, mask, True)  # type: ignore[no-any-return]
+        out = self._forward()(video, info["frame_index"].to(self.device), False)
         heads = self.model.heads  # a regression head's loss is in its standardised units (its target statistics)
         return sum(t.loss(out[t.name], info[t.name].to(self.device), heads.stats(t.name)) for t in self.tasks)  # type: ignore[return-value]
 
     def train_epoch(self, loader: Iterable, progress: bool = False, max_steps: int | None = None) -> EpochResult:
-        """One pass over loader (or max_steps batches); deterministic in (seed, epoch)."""
+        """One pass over loader (or max_steps batches); deterministic in (seed, epoch).
+
+        On several ranks each loss is weighted by the rank's share of the global batch, so the averaged gradient
+        is the global batch's; the loss and examples reported are the global batch's on every rank."""
         self.model.train()
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
         total, steps, examples, losses = 0.0, 0, 0, 0
@@ -137,21 +188,35 @@ class Trainer:
         with _progress(progress) as bar:
             task = bar.add_task(f"{self.phase} epoch {self.epoch + 1}", total=n, status="")
             for video, info in loader:
-                if not video.shape[0]:
+                size = video.shape[0]
+                real = int((info["batch_position"] >= 0).sum()) if "batch_position" in info else size
+                local, extra = 0.0, 0.0
+                if not size:
                     if self.empty_batch is None:
                         raise ValueError("the loader gave an empty batch")
+                    if self.phase == "pretrain":
+                        self.masks(info, 0, gen)  # the global batch's masks are drawn on every rank
                     self.empty_batch()
                 else:
                     video = video.to(self.device, non_blocking=True)
                     with autocast(self.device):
                         loss = self.loss(video, info, gen)
-                        if self.regularizer is not None:
-                            loss = loss + self.regularizer()
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{self.phase} loss became {loss.item()} at epoch {self.epoch + 1}")
-                    (loss / self.cfg.accumulate).backward()
-                    examples += video.shape[0]
-                    total += loss.item()
+                        reg = self.regularizer() if self.regularizer is not None else None
+                    objective = loss
+                    if "batch_total" in info and not self.private:  # this rank's share of the global batch
+                        objective = loss * (real * self.group.world / int(info["batch_total"][0]))
+                    if reg is not None:
+                        objective = objective + reg
+                        extra = reg.item()
+                    if not torch.isfinite(objective):
+                        value = objective.item()
+                        raise FloatingPointError(f"{self.phase} loss became {value} at epoch {self.epoch + 1}")
+                    (objective / self.cfg.accumulate).backward()
+                    local = loss.item() * real
+                loss_sum, count = self.group.all_sum([local, float(real)])
+                if count:
+                    examples += int(count)
+                    total += loss_sum / count + extra
                     losses += 1
                 steps += 1
                 if steps % self.cfg.accumulate == 0:
@@ -188,16 +253,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.updates = int(state["epoch"]), int(state["updates"])
         torch.set_rng_state(state["torch_rng"])
-
-
-def make_loader(
-    dataset: EchoVideoDataset, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int = 0
-) -> DataLoader:
-    dataset.set_epoch(epoch)
-    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers, drop_last=False
-    )
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from fedecho.models import CheckpointError, EchoVisionFM, create_model, load_che
 from fedecho.models.checkpoint import load_state
 from fedecho.models.lora import apply_lora, is_adapter_key, merge_lora, phase_spec, to_lora_state
 from fedecho.storage.files import atomic_write_bytes
-from fedecho.train.config import RunConfig
-from fedecho.train.engine import Phase, Trainer, evaluate, make_loader, pick_device, pretrain_loss
+from fedecho.train.config import PhaseSection, RunConfig
+from fedecho.train.engine import EpochResult, Phase, Trainer, evaluate, pick_device, pretrain_loss
+from fedecho.train.job import TrainingJob
+from fedecho.train.parallel import check_devices
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -125,6 +128,36 @@ def _save_state(out: Path, trainer: Trainer) -> None:
     atomic_write_bytes(out / STATE_FILE, buf.getvalue())
 
 
+@dataclass
+class EpochBookkeeping:
+    """After each epoch (on rank 0): validate when due, append the metrics, checkpoint the model and the trainer."""
+
+    phase: Phase
+    pcfg: PhaseSection
+    out: Path
+    val: Any  # val_clips (pre-training loss) or val (fine-tuning metrics)
+    tasks: tuple[str, ...]
+    progress: bool
+
+    def __call__(self, trainer: Trainer, res: EpochResult) -> None:
+        model, pcfg = trainer.model, self.pcfg
+        record: dict[str, Any] = {
+            "phase": self.phase, "epoch": trainer.epoch, "train_loss": res.loss, "lr": res.lr,
+            "examples": res.examples, "seconds": round(res.seconds, 2), "time": time.time(),
+        }  # fmt: skip
+        if len(self.val) and (trainer.epoch % pcfg.eval_every == 0 or trainer.epoch == pcfg.epochs):
+            if self.phase == "pretrain":
+                record["val_loss"] = pretrain_loss(model, self.val, pcfg.batch_size, pcfg.seed)
+            else:
+                record.update({f"val_{k}": v for k, v in evaluate(model, self.val, list(self.tasks)).items()})
+        _append_metrics(self.out, record)
+        meta = {"phase": self.phase, "epoch": trainer.epoch, "tasks": list(self.tasks)}
+        save_checkpoint(model, self.out / MODEL_FILE, meta)
+        _save_state(self.out, trainer)
+        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and k not in ("time",)}
+        Console(quiet=not self.progress).print(f"{self.phase} epoch {trainer.epoch}/{pcfg.epochs}: {shown}")
+
+
 def train_phase(
     cfg: RunConfig,
     phase: Phase,
@@ -135,9 +168,14 @@ def train_phase(
     device: str | None = None,
     progress: bool = True,
     console: Console | None = None,
+    devices: int = 1,
 ) -> dict[str, Any]:
-    """Pre-train or fine-tune for the phase's epochs, checkpointing after each; returns the last record."""
+    """Pre-train or fine-tune for the phase's epochs, checkpointing after each; returns the last record.
+
+    devices > 1: data-parallel over that many devices of `device`'s kind (`fedecho.train.parallel`), the run file's
+    batch size being the global batch."""
     console = console or Console(quiet=not progress)
+    check_devices(devices, pick_device(device).type)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pcfg = cfg.pretrain if phase == "pretrain" else cfg.finetune
@@ -160,37 +198,30 @@ def train_phase(
     train.prepare(progress=progress)
     if phase == "finetune" and cfg.data.label_fraction < 1:
         train.limit(cfg.data.label_fraction, pcfg.seed)
-    steps = (len(train) + pcfg.batch_size - 1) // pcfg.batch_size
-    trainer = Trainer(model, phase, pcfg, steps, pick_device(device))
+    state = None
     if resuming:
-        trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=False))
-        _truncate_metrics(out, trainer.epoch)
-        console.print(f"resuming {phase} at epoch {trainer.epoch + 1} of {pcfg.epochs}")
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        _truncate_metrics(out, int(state["epoch"]))
+        console.print(f"resuming {phase} at epoch {int(state['epoch']) + 1} of {pcfg.epochs}")
     val = sets["val_clips"] if phase == "pretrain" else sets["val"]
     val.prepare(progress=progress)
-    record: dict[str, Any] = {}
-    while trainer.epoch < pcfg.epochs:
-        loader = make_loader(train, pcfg.batch_size, True, pcfg.seed, trainer.epoch, cfg.data.num_workers)
-        res = trainer.train_epoch(loader, progress=progress)
-        record = {
-            "phase": phase, "epoch": trainer.epoch, "train_loss": res.loss, "lr": res.lr,
-            "examples": res.examples, "seconds": round(res.seconds, 2), "time": time.time(),
-        }  # fmt: skip
-        if len(val) and (trainer.epoch % pcfg.eval_every == 0 or trainer.epoch == pcfg.epochs):
-            if phase == "pretrain":
-                record["val_loss"] = pretrain_loss(model, val, pcfg.batch_size, pcfg.seed)
-            else:
-                record.update({f"val_{k}": v for k, v in evaluate(model, val, list(tasks)).items()})
-        _append_metrics(out, record)
-        save_checkpoint(model, out / MODEL_FILE, {"phase": phase, "epoch": trainer.epoch, "tasks": list(tasks)})
-        _save_state(out, trainer)
-        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and k not in ("time",)}
-        console.print(f"{phase} epoch {trainer.epoch}/{pcfg.epochs}: {shown}")
+    if devices > 1:
+        kind = pick_device(device).type
+        console.print(f"data-parallel over {devices} {kind} devices, global batch {pcfg.batch_size}")
+    job = TrainingJob(
+        model, phase, pcfg, train, pcfg.seed, cfg.data.num_workers, device, trainer_state=state,
+        after_epoch=EpochBookkeeping(phase, pcfg, out, val, tasks, progress), progress=progress,
+    )  # fmt: skip
+    result = job.run(devices)
+    model.load_state_dict(result.state)
+    model.to(pick_device(device))
+    record = read_metrics(out)[-1] if read_metrics(out) else {}
     if phase == "finetune":
         test = sets["test"]
         test.prepare(progress=progress)
         if len(test):
-            record = {"phase": "test", "epoch": trainer.epoch, **evaluate(model, test, list(tasks), progress=progress)}
+            epoch = int(result.trainer.get("epoch", pcfg.epochs))
+            record = {"phase": "test", "epoch": epoch, **evaluate(model, test, list(tasks), progress=progress)}
             _append_metrics(out, record)
     return record
 
