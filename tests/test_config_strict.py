@@ -24,6 +24,7 @@ LOADERS = {
     "quickstart.toml": load_fed_run_config,
     "bench_accuracy.toml": load_fed_run_config,
     "lockstep.toml": load_fed_run_config,
+    "paper_federated.toml": load_fed_run_config,
     "paper_echonet.toml": load_run_config,
     "phantom_tiny.toml": load_run_config,
 }
