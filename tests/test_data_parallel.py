@@ -32,7 +32,7 @@ from fedecho.synth import synthesize
 from fedecho.train import JobResult, TrainingJob
 from fedecho.train.config import PhaseSection
 from fedecho.train.loader import auto_workers, share, train_batches
-from fedecho.train.parallel import Group
+from fedecho.train.parallel import Group, launch
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,38 @@ def test_dp_sgd_on_two_processes_is_the_one_device_mechanism(train_set: EchoVide
     # another secret seed: other draws and noise (the seed is what makes the two runs equal, not a fixed output)
     other = dataclasses.replace(job, model=copy.deepcopy(model), dp_seed=54321).run(1)
     assert max((other.state[k] - one.state[k]).abs().max().item() for k in one.state) > 1e-4
+
+
+@dataclasses.dataclass
+class ListeningSockets:
+    """A job that reports where its rank listens, once the process group is up (the gloo pairs included)."""
+
+    def __call__(self, group: Group) -> list[tuple[str, list[str], str]]:
+        import os
+        import stat
+
+        import psutil
+
+        torch.distributed.all_reduce(torch.ones(1))  # every pair connected
+        bound = [c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        store = Path(os.environ.get("TMPDIR", "/tmp"))
+        folders = [p for p in store.glob("fedecho-ddp-*") if (p / "job.pkl").exists()]
+        modes = sorted({oct(stat.S_IMODE(p.stat().st_mode)) for p in folders})
+        gathered: list[object] = [None] * group.world
+        torch.distributed.all_gather_object(gathered, (str(group.rank), bound, ",".join(modes)))
+        return gathered  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_the_process_group_listens_on_loopback_only() -> None:
+    """As an outsider on the network sees a site training on two devices: nothing of the group listens on
+    another interface, and the store the ranks meet through is the site user's alone."""
+    ranks = launch(ListeningSockets(), 2, "cpu")
+    assert [r[0] for r in ranks] == ["0", "1"]
+    for _, bound, modes in ranks:
+        assert bound, "gloo opened no listening socket: the check would be empty"
+        assert all(ip in ("127.0.0.1", "::1") for ip in bound), bound
+        assert modes == "0o700"
 
 
 @pytest.mark.slow

@@ -161,8 +161,7 @@ def _rank_main(folder: str, world_size: str, device: str, threads_per_rank: str,
     """One rank: join the group, run the job, leave rank 0's result (or this rank's exception) in the folder."""
     out, world, threads, rank = Path(folder), int(world_size), int(threads_per_rank), int(rank_number)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", _loopback_interface())
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = _loopback_interface()  # never the network
     torch.set_num_threads(threads)
     try:
         if device == "cuda":
