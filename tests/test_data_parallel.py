@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from builders import TINY_DATA, tiny_run
 from fedecho.cli import app as cli
+from fedecho.client.app import site_from_node_config
 from fedecho.client.config import ConfigError, load_site_config, settings_in_force
 from fedecho.client.local import RoundMethods, site_train
 from fedecho.client.site import Site
@@ -252,7 +254,7 @@ def test_a_site_round_on_two_devices_sends_the_one_device_update_and_accounts_th
     assert entry.sample_rate == pytest.approx(3 / 10) == metrics["dp_sample_rate"]
 
 
-def test_site_toml_devices_must_be_granted(phantom: Path, tmp_path: Path) -> None:
+def test_site_toml_devices_must_be_granted(phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = f'[site]\nname = "s"\ndata = "{phantom / "phantom"}"\ncache = "c"\nstate = "s"\n'
     path = tmp_path / "site.toml"
     path.write_text(base + 'threads = 1\ndevice = "cpu"\ndevices = 2\n')
@@ -266,3 +268,8 @@ def test_site_toml_devices_must_be_granted(phantom: Path, tmp_path: Path) -> Non
     cfg = load_site_config(path)
     assert cfg.devices == 2
     assert "training: cpu, data-parallel over 2 devices; 2 CPU threads" in settings_in_force(cfg)
+    # what the deployed ClientApp makes of it: the site it trains as (it sets the site's threads for this process)
+    monkeypatch.setenv("FEDECHO_THREADS", "0")
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
+    site = site_from_node_config(context)
+    assert (site.device, site.devices) == ("cpu", 2)
