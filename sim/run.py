@@ -5,9 +5,9 @@ Where the sites' data comes from:
   natural split, one virtual hospital per folder;
 - one dataset (an EchoNet-Dynamic, CAMUS or TMED-2 folder): partitioned into N virtual hospitals,
   by patient where the source knows patients (`fedecho.train.run.partition_of`).
-Nothing is installed or downloaded, Ray's dashboard and usage stats are off, every Ray RPC needs this
-process's random token (`ray_token`), and Ray is shut down before `simulate` returns, so no background
-process outlives it.
+
+Where the virtual sites run (a private Ray on this machine, or an existing Ray cluster) and what each reserves
+is `fedecho.sim.cluster`'s.
 
 The server checks every reply as in a deployment, with two differences. Sites are named by their replies
 (`fedecho.server.identity.SiteNames`): the virtual sites are the researcher's own processes, and Flower draws
@@ -18,16 +18,13 @@ as many examples as its folder holds videos (`example_caps`), the coordinator's 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 
-from fedecho._env import environ
 from fedecho.client.app import build_client_app
 from fedecho.client.policy import DEFAULT_POLICY, SitePolicy
 from fedecho.client.site import Site
@@ -37,6 +34,7 @@ from fedecho.privacy.dp_policy import DEFAULT_PRIVACY, PrivacyPolicy
 from fedecho.server.app import build_server_app
 from fedecho.server.identity import SiteNames
 from fedecho.server.rounds import ServerSettings
+from fedecho.sim.cluster import RayPlan, plan_ray, ray_token, start_ray, stop_ray
 from fedecho.storage.store import store_url
 
 
@@ -112,22 +110,31 @@ def simulate(
     resume: int = 0,
     eval_data: Path | None = None,
     round_timeout: float = 3600.0,
-    cpus_per_site: float = 1.0,
+    cpus_per_site: float | None = None,
     on_round: Any = None,
     policies: dict[str, SitePolicy] | None = None,
     privacy: dict[str, PrivacyPolicy] | None = None,
     default_policy: SitePolicy = DEFAULT_POLICY,
+    gpus_per_site: float | None = None,
+    parallel_sites: int | None = None,
+    ray_address: str | None = None,
+    plan: RayPlan | None = None,
 ) -> int:
     """Run a federated simulation to the end; returns the fedecho run id (in the store).
 
     Every virtual site enforces a site policy as a deployed one does: its own from `policies`, else
     `default_policy` (by default a deployed site's default, `fedecho.client.policy.DEFAULT_POLICY`, which
-    refuses updates and metrics from fewer than 10 videos)."""
+    refuses updates and metrics from fewer than 10 videos). Where the sites run and what each reserves is
+    `plan`, else `plan_ray` of the resource arguments (`SimResourceError` where they cannot be met)."""
     from flwr.simulation import run_simulation
 
     state = Path(state).resolve()
-    state.mkdir(parents=True, exist_ok=True)
     names, folders, partitioned = site_layout(data, sites)
+    if plan is None:
+        plan = plan_ray(len(names), cpus_per_site, gpus_per_site, parallel_sites, ray_address)
+    elif plan.sites != len(names):
+        raise ValueError(f"the Ray plan is for {plan.sites} sites; {data} gives {len(names)}")
+    state.mkdir(parents=True, exist_ok=True)
     folders = [f.resolve() for f in folders]
     site_resolver = SimSites(
         names, folders, partitioned, state / "cache", state, dict(policies or {}), dict(privacy or {}), default_policy
@@ -157,46 +164,18 @@ def simulate(
 
     server_app = build_server_app(resolve, on_round=record, outcome=outcome)
     client_app = build_client_app(site_resolver)
-    os.environ["FEDECHO_THREADS"] = str(max(1, int(cpus_per_site)))
-    cores = os.cpu_count() or 1
-    backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
-    }
+    os.environ["FEDECHO_THREADS"] = str(plan.threads)  # the ServerApp's threads, in this process
+    backend: dict[str, Any] = {"client_resources": plan.client_resources, "init_args": {}}
     try:
-        with ray_token():
+        # Ray is started (or joined) here, not by Flower's backend, which would give the sites this process's
+        # sys.path as their PYTHONPATH on every node and has no room for their environment
+        with contextlib.nullcontext() if plan.address else ray_token():
+            start_ray(plan)
             run_simulation(server_app, client_app, num_supernodes=len(names), backend_config=backend)
     finally:
-        _shutdown_ray()
+        stop_ray()  # a private Ray stops; from a cluster the driver disconnects
     if "error" in outcome:
         raise outcome["error"]
     if "run_id" not in outcome:
         raise RuntimeError("the simulation ended before the ServerApp started a run (see the log above)")
     return int(outcome["run_id"])
-
-
-@functools.cache
-def _process_token() -> str:
-    """One random token per process: Ray's driver caches the first token it loads, so a second simulation
-    in the same process must present the same one."""
-    return secrets.token_hex(32)
-
-
-def ray_token() -> contextlib.AbstractContextManager[None]:
-    """Ray token authentication with a random token for this process's private Ray.
-
-    Ray binds its GCS, raylet and worker ports on every interface; without a token anyone who can reach
-    the machine could submit code to it. Ray's own processes inherit the token from the environment, and
-    it is removed again afterwards (a researcher's own RAY_AUTH_* settings are kept as they were)."""
-    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _process_token(), "RAY_AUTH_TOKEN_PATH": None}
-    return environ(token)
-
-
-def _shutdown_ray() -> None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except ImportError:
-        pass

@@ -1,4 +1,4 @@
-"""`fedecho sim`: a federated run rehearsed on one machine (Flower simulation engine, Ray)."""
+"""`fedecho sim`: a federated run rehearsed on one machine or a Ray cluster (Flower simulation engine, Ray)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fedecho.storage.store import DEFAULT_STATE, Store, store_url
 
 
 def _fail(e: Exception) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/] {e}")
+    Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}")
     return typer.Exit(2)
 
 
@@ -45,10 +45,36 @@ def sim(
     compare_batch: int | None = typer.Option(
         None, "--compare-batch", min=1, help="Batch size of the pooled and local-only baselines (default: a site's)."
     ),
-    cpus_per_site: float = typer.Option(1.0, "--cpus-per-site", min=0.1, help="Ray CPUs per virtual site."),
+    cpus_per_site: float | None = typer.Option(
+        None,
+        "--cpus-per-site",
+        min=0.1,
+        help="CPUs each virtual site reserves in Ray, and its torch threads (default: 1, or an equal share "
+        "between --parallel-sites).",
+    ),
+    gpus_per_site: float | None = typer.Option(
+        None,
+        "--gpus-per-site",
+        min=0.0,
+        help="GPUs each virtual site reserves: a fraction shares one (default: the GPUs shared between the sites "
+        "that train at once, at most 1 each; 0 without GPUs).",
+    ),
+    parallel_sites: int | None = typer.Option(
+        None,
+        "--parallel-sites",
+        min=1,
+        help="Virtual sites that train at once; they share the CPUs and GPUs (default: as many as the CPUs hold "
+        "at --cpus-per-site).",
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Run on this existing Ray cluster (HOST:PORT, as `ray start --head` printed; run from one of its "
+        "nodes) instead of a private Ray on this machine; the cluster's token is the environment's RAY_AUTH_*.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
-    """Run a federated pre-training + fine-tuning job with N virtual hospitals on this machine.
+    """Run a federated pre-training + fine-tuning job with N virtual hospitals on this machine (or a Ray cluster).
 
     Example: fedecho sim --config configs/quickstart.toml --sites 3
     """
@@ -56,7 +82,8 @@ def sim(
     from fedecho.fl.config import load_fed_run_config
     from fedecho.models import CheckpointError
     from fedecho.server.rounds import RoundFailed
-    from fedecho.sim.run import simulate
+    from fedecho.sim.cluster import plan_ray
+    from fedecho.sim.run import simulate, site_layout
     from fedecho.train import ConfigError
 
     console = Console()
@@ -70,6 +97,14 @@ def sim(
         # run_simulation is deprecated in favour of `flwr run`, which starts a detached SuperLink and
         # installs dependencies: fedecho deliberately keeps the in-process engine, so spare users the notice.
         flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
+    try:  # before any data is generated: a reservation nobody can hold would otherwise wait forever in Ray
+        count = len(site_layout(data, sites)[0]) if data is not None else sites or 3
+        plan = plan_ray(count, cpus_per_site, gpus_per_site, parallel_sites, ray_address)
+    except ValueError as e:
+        raise _fail(e) from e
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(escape(plan.describe()), style="dim")
     if data is None:
         data = _phantom(state, sites or 3, videos, console)
     total = sum(cfg.phase(p).rounds for p in cfg.phases)
@@ -85,7 +120,7 @@ def sim(
         try:
             run_id = simulate(
                 cfg, data, state, sites=sites, store=store, resume=resume, eval_data=eval_data,
-                cpus_per_site=cpus_per_site, on_round=on_round,
+                on_round=on_round, plan=plan,
             )  # fmt: skip
         except (ConfigError, SourceError, CheckpointError, ValueError, KeyError) as e:
             raise _fail(e) from e
