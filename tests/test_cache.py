@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,16 @@ def test_decodes_once_and_memory_maps(echonet_phantom: Path, cache_dir: Path) ->
     assert isinstance(again, np.memmap) and np.array_equal(first, again) and first.shape[1:] == (64, 64)
     cache.load(src, rec, 32)  # another size is another entry
     assert CountingEchoNet.decodes == 2
+
+
+def test_a_pickled_cache_carries_no_frames(echonet_phantom: Path, cache_dir: Path) -> None:
+    """A cache crosses into data-parallel ranks and loader workers by pickle: the entries it has mapped stay here."""
+    src = EchoNetSource(echonet_phantom)
+    cache = FrameCache(cache_dir)
+    frames = [cache.load(src, r, 64) for r in src.scan().records[:4]]
+    copy = pickle.loads(pickle.dumps(cache))
+    assert len(pickle.dumps(cache)) < sum(f.nbytes for f in frames) / 10
+    assert np.array_equal(copy.load(src, src.scan().records[0], 64), frames[0])  # and reads them itself
 
 
 def test_keyed_by_content_not_path(echonet_phantom: Path, tmp_path: Path, cache_dir: Path) -> None:

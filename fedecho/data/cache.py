@@ -63,6 +63,11 @@ class FrameCache:
         # (stat, header parse, mmap) costs as much as augmenting a clip. Bounded: each holds a descriptor.
         self._mapped: OrderedDict[Path, np.ndarray] = OrderedDict()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Another process (a data-parallel rank, a loader worker) maps what it reads itself: the entries mapped
+        here would otherwise be copied into the pickle in full."""
+        return {**self.__dict__, "_mapped": OrderedDict()}
+
     def file_hash(self, path: Path) -> str:
         st = path.stat()
         ident = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
