@@ -89,6 +89,8 @@ def write_site_toml(
     node_port: int | None = None,
     labels: Path | None = None,
     device: str = "cpu",
+    devices: int = 1,
+    extra: str = "",
 ) -> Path:
     """root/<name>/site.toml with its key pair in root/<name>/ and the federation CA from root/certs."""
     folder = root / name
@@ -102,8 +104,9 @@ def write_site_toml(
         f"{labels_line}"
         'cache = "cache"\n'
         'state = "state"\n'
-        "threads = 1\n"
+        f"threads = {devices}\n"
         f'device = "{device}"\n'
+        f"devices = {devices}\n"
         "[superlink]\n"
         f'address = "{PUBLIC_HOST}:{superlink_port}"\n'
         'ca = "../certs/ca.pem"\n'
@@ -115,6 +118,7 @@ def write_site_toml(
         "[policy]\n"
         "min_videos = 1\n"
         "min_patients = 1\n"
+        f"{extra}"
     )
     return path
 
@@ -132,16 +136,25 @@ class Deployment:
     node_ids: dict[str, int] = field(default_factory=dict)
 
     def add_site(
-        self, name: str, data: Path, *, register: bool = True, labels: Path | None = None, device: str = "cpu"
+        self,
+        name: str,
+        data: Path,
+        *,
+        register: bool = True,
+        labels: Path | None = None,
+        device: str = "cpu",
+        devices: int = 1,
+        extra: str = "",
     ) -> SiteConfig:
         """Create the site's keys and site.toml; with register, copy its .pub to the server's keys folder."""
         keys = create_site_keys(self.root / name, name)
         if register:
             self.server.keys.mkdir(parents=True, exist_ok=True)
             (self.server.keys / f"{name}.pub").write_bytes(keys.public_key.read_bytes())
-        site = load_site_config(
-            write_site_toml(self.root, name, self.server.listen_port, data, labels=labels, device=device)
+        path = write_site_toml(
+            self.root, name, self.server.listen_port, data, labels=labels, device=device, devices=devices, extra=extra
         )
+        site = load_site_config(path)
         self.sites[name] = site
         return site
 

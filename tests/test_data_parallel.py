@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,10 @@ from fedecho.fl.config import parse_run_config
 from fedecho.models import EchoVisionFM, create_model
 from fedecho.privacy.dp_policy import DPPlan, PrivacyPolicy
 from fedecho.privacy.ledger import PrivacyLedger
+from fedecho.server.submit import submit_run
+from fedecho.sim.loopback import make_deployment
+from fedecho.storage import Store
+from fedecho.storage.store import store_url
 from fedecho.synth import synthesize
 from fedecho.train import JobResult, TrainingJob
 from fedecho.train.config import PhaseSection
@@ -273,3 +280,46 @@ def test_site_toml_devices_must_be_granted(phantom: Path, tmp_path: Path, monkey
     context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
     site = site_from_node_config(context)
     assert (site.device, site.devices) == ("cpu", 2)
+
+
+def _ranks_in_group(pgid: int) -> int:
+    """Data-parallel ranks running in a SuperNode's process group (its ClientApp's children)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pgid,args"], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in out.splitlines()[1:] if int(line.split(None, 1)[0]) == pgid and "_rank_main" in line)
+
+
+@pytest.mark.slow
+def test_a_deployed_site_trains_its_rounds_on_two_devices_under_dp(phantom: Path, tmp_path: Path) -> None:
+    """A real SuperLink and SuperNode on loopback; the site's site.toml says devices = 2 and DP-SGD is required:
+    its ClientApp runs every round's local steps on two ranks, and the site's ledger accounts one round each."""
+    dep = make_deployment(tmp_path / "deploy", min_sites=1)
+    dp = '[privacy]\ndp = "required"\nmin_noise_multiplier = 1.0\nunit = "video"\n'
+    try:
+        dep.add_site("alpha", phantom / "phantom", devices=2, extra=dp)
+        dep.start_all()
+        seen, done = [0], threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen[0] = max(seen[0], _ranks_in_group(dep.supernodes["alpha"].pid))
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        run_toml = tmp_path / "tiny.toml"
+        run_toml.write_text(tiny_run(pretrain_rounds=2, finetune_rounds=0))
+        lines: list[str] = []
+        sub = submit_run(dep.server, run_toml, echo=lines.append)
+        done.set()
+        watcher.join()
+        assert sub.returncode == 0 and sub.status == "finished:completed", "\n".join(lines)
+        assert seen[0] == 2, f"saw {seen[0]} data-parallel ranks at the site"
+        with PrivacyLedger(dep.sites["alpha"].state) as ledger:
+            entries = ledger.entries()
+        assert [(e.round, e.status) for e in entries] == [(1, "spent"), (2, "spent")]
+        with Store(store_url(dep.server.state)) as store:
+            (run,) = [r for r in store.list_runs() if r.flower_run_id == sub.flower_run_id]
+            rounds = store.rounds(run.id)
+        assert [r.sites_replied for r in rounds] == [1, 1]
+    finally:
+        dep.close()
