@@ -109,7 +109,7 @@ def launch(job: Callable[[Group], T], devices: int, device: str, threads: int | 
         ranks = [subprocess.Popen([*command, str(rank)], env=env) for rank in range(devices)]
         failed = _wait(ranks)
         if failed is not None:
-            error = _rank_error(folder)
+            error = _rank_error(folder / f"error-{failed}.pkl")  # the first to fail: the others followed it
             if error is not None:
                 raise error
             raise ParallelError(
@@ -141,13 +141,11 @@ def _wait(ranks: list[subprocess.Popen[bytes]]) -> int | None:
                 p.wait()
 
 
-def _rank_error(folder: Path) -> BaseException | None:
-    for path in sorted(folder.glob("error-*.pkl")):
-        try:
-            return pickle.loads(path.read_bytes())  # type: ignore[no-any-return]
-        except Exception:  # an exception that does not unpickle: the rank's exit status says it failed
-            continue
-    return None
+def _rank_error(path: Path) -> BaseException | None:
+    try:
+        return pickle.loads(path.read_bytes())  # type: ignore[no-any-return]
+    except Exception:  # none left (killed), or one that does not unpickle: the rank's exit status says it failed
+        return None
 
 
 def _watch_parent(parent: int) -> None:
