@@ -35,10 +35,12 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from fedecho._env import NO_TELEMETRY, environ
 
+RAY_VERSION = "2.55.1"  # the Ray whose internals `ray_internals` names (pinned in constraints.txt)
 RAY_STEP = 10_000  # Ray counts resources in steps of 1/10000: a reservation is a whole number of them
 CONNECT_TIMEOUT = 5.0  # seconds for an existing cluster's address to answer, and again for its GCS to
 
@@ -244,7 +246,7 @@ def cluster_nodes(address: str) -> list[Node]:
     """The live nodes of the Ray cluster at `address`, asked of its GCS without joining it: an address where
     nothing answers, a refused token, or a cluster this machine is no node of fail here in seconds (Ray's
     driver would retry for a minute or more, printing as it goes)."""
-    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+    internals = ray_internals()
 
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -257,12 +259,10 @@ def cluster_nodes(address: str) -> list[Node]:
             "(`ray start --head`), and is that the address it printed?"
         ) from e
     infos = _ask_gcs(address)
-    alive = [i for i in infos.values() if i.state == GcsNodeInfo.ALIVE and i.resources_total]
+    alive = [i for i in infos.values() if i.state == internals.GcsNodeInfo.ALIVE and i.resources_total]
     if not alive:
         raise SimResourceError(f"the Ray cluster at {address} has no live node")
-    from ray._private.services import find_node_ids
-
-    local = set(find_node_ids())  # the raylets running on this machine
+    local = set(internals.find_node_ids())  # the raylets running on this machine
     if not any(i.node_id.hex() in local for i in alive):
         raise SimResourceError(
             f"this machine is no node of the Ray cluster at {address}: run fedecho sim on one of its nodes "
@@ -274,15 +274,15 @@ def cluster_nodes(address: str) -> list[Node]:
 def _ask_gcs(address: str) -> dict[Any, Any]:
     """The cluster's node table, read with the researcher's token (RAY_AUTH_* in the environment). The GCS client
     waits half a minute for a port that is not a GCS, so it gets CONNECT_TIMEOUT here, in a thread."""
-    from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
+    gcs_client = ray_internals().GcsClient
     reload_ray_auth()
     answer: dict[str, Any] = {}
 
     def ask() -> None:
         try:
-            answer["nodes"] = GcsClient(address=address).get_all_node_info(timeout=CONNECT_TIMEOUT)
+            answer["nodes"] = gcs_client(address=address).get_all_node_info(timeout=CONNECT_TIMEOUT)
         except Exception as e:  # reported below, by kind
             answer["error"] = e
 
@@ -330,10 +330,33 @@ def reload_ray_auth() -> None:
     """Make Ray read its token settings (RAY_AUTH_*) from the environment again: it reads them once, when first
     imported, so whatever imported Ray earlier in this process would otherwise decide which token is presented
     (a private Ray's own, or the researcher's for a cluster). Uses Ray's own reset (pinned Ray 2.55)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    internals = ray_internals()
+    internals.AuthenticationTokenLoader.instance().reset_cache()
+    internals.Config.initialize("")
 
-    AuthenticationTokenLoader.instance().reset_cache()
-    Config.initialize("")
+
+def ray_internals() -> SimpleNamespace:
+    """The parts of Ray below its public API that fedecho uses, from one place: reading a cluster's node table
+    without joining it (as `ray status` does), finding this machine's raylets, and rereading the token settings.
+    A Ray without them is a clear error naming what is missing, not a traceback mid-run."""
+    import ray
+
+    try:
+        from ray._private.services import find_node_ids
+        from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        if not callable(getattr(AuthenticationTokenLoader, "reset_cache", None)):
+            raise AttributeError("AuthenticationTokenLoader.reset_cache")
+    except (ImportError, AttributeError) as e:
+        raise SimResourceError(
+            f"Ray {ray.__version__} lacks {e} that fedecho's simulation uses (checked with Ray {RAY_VERSION}): "
+            "install the pinned version (constraints.txt)"
+        ) from e
+    return SimpleNamespace(
+        find_node_ids=find_node_ids, AuthenticationTokenLoader=AuthenticationTokenLoader, Config=Config,
+        GcsClient=GcsClient, GcsNodeInfo=GcsNodeInfo,
+    )  # fmt: skip
 
 
 @functools.cache
@@ -363,6 +386,6 @@ def stop_ray() -> None:
 
 
 __all__ = [
-    "Node", "RayPlan", "SimResourceError", "cluster_nodes", "parse_ray_address", "plan_ray", "plan_sites", "ray_token",
-    "start_ray", "stop_ray",
+    "Node", "RayPlan", "SimResourceError", "cluster_nodes", "parse_ray_address", "plan_ray", "plan_sites",
+    "ray_internals", "ray_token", "reload_ray_auth", "start_ray", "stop_ray",
 ]  # fmt: skip

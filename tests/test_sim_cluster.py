@@ -356,3 +356,14 @@ def test_a_private_ray_starts_whatever_imported_ray_before() -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cpus " in res.stdout
+
+
+def test_the_ray_internals_the_simulation_uses_are_those_it_was_checked_with() -> None:
+    """The pinned Ray has every internal `sim/cluster.py` uses; a Ray without one is a clear error at start."""
+    import ray
+
+    from fedecho.sim.cluster import RAY_VERSION, ray_internals
+
+    assert ray.__version__ == RAY_VERSION, "Ray changed: check sim/cluster.py's ray_internals against it"
+    internals = ray_internals()
+    assert callable(internals.find_node_ids) and hasattr(internals.GcsNodeInfo, "ALIVE")
