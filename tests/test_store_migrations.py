@@ -238,6 +238,21 @@ def test_a_revision_that_fails_leaves_the_store_as_it_was(
             assert s.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [BASELINE]
 
 
+def test_a_release_store_being_written_is_switched_to_wal_once_the_write_ends(tmp_path: Path) -> None:
+    """SQLite refuses the switch to WAL at once, without its busy wait, while another connection writes a
+    rollback-journal file (a 0.1.0 store): opening the store waits for that write instead of failing."""
+    url = release_store("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    other = sqlite3.connect(tmp_path / "fedecho.db", isolation_level=None, check_same_thread=False)
+    assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("UPDATE runs SET name = name")
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    with Store(url) as store:
+        assert store.list_runs()
+    other.close()
+    assert sqlite3.connect(tmp_path / "fedecho.db").execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_openers_of_a_release_store_upgrade_it_once(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest

@@ -10,6 +10,8 @@ closes; `Closing` is the context-manager half of it, for objects that hold a sto
 from __future__ import annotations
 
 import importlib.util
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,7 +62,7 @@ def sqlite_engine(url: str | URL) -> Engine:
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
         if not memory:
-            cur.execute("PRAGMA journal_mode = WAL")
+            _wal(cur)
             cur.execute("PRAGMA synchronous = FULL")  # a committed round survives a power cut, not just a crash
         cur.close()
 
@@ -69,6 +71,23 @@ def sqlite_engine(url: str | URL) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("fedecho_write") else "BEGIN")
 
     return engine
+
+
+def _wal(cur: Any) -> None:
+    """Switch a file to WAL, waiting out another connection's write: SQLite refuses the switch at once ('database
+    is locked', no busy wait) while a rollback-journal file is being written, as when two processes first open a
+    store an older release made."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() == "wal":
+                return
+        except sqlite3.OperationalError as e:  # or it says the mode it kept
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("database is locked: the store could not be switched to WAL")
+        time.sleep(0.05)
 
 
 def make_engine(url: str | URL) -> Engine:
