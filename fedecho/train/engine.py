@@ -92,11 +92,12 @@ class Trainer:
     ):
         self.model, self.phase, self.cfg, self.group = model, phase, cfg, group
         self.device = device or (torch.device(group.device) if group.distributed else pick_device())
-        if group.distributed and _batchnorm_layers(model):
+        norms = _batchnorm_layers(model) if group.distributed else []
+        if norms:
             if self.device.type != "cuda":  # SyncBatchNorm runs on GPUs only
                 raise ValueError(
                     "data-parallel training on CPUs cannot share BatchNorm statistics between devices "
-                    f'({_batchnorm_layers(model)[0]}): set [model] stf_norm = "group" in the run file'
+                    f'({norms[0]}): set [model] stf_norm = "group" in the run file'
                 )
             nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the global batch's statistics, as on one device
         self.model.to(self.device)
